@@ -1,0 +1,219 @@
+"""The agent loop, shaped as an async stream of events.
+
+`Agent.run` yields what happens as it happens (text deltas, tool calls, tool results, the
+final answer); `collect` folds the stream into one AgentResult for the JSON endpoint, and
+an SSE endpoint can forward the same events as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.agents.spec import AgentSpec
+from app.agents.tools import ToolRegistry, ToolResult
+from app.llm.types import (
+    ChatModel,
+    ChatRequest,
+    Completion,
+    CompletionDelta,
+    Message,
+    StreamingChatModel,
+    ToolCall,
+    ToolSchema,
+    Usage,
+)
+
+FinishReason = Literal["stop", "max_steps", "length"]
+
+
+@dataclass(slots=True, frozen=True)
+class TextDelta:
+    text: str
+    type: Literal["delta"] = "delta"
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallStarted:
+    call: ToolCall
+    type: Literal["tool_call"] = "tool_call"
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallFinished:
+    call: ToolCall
+    result: ToolResult
+    duration_ms: float
+    type: Literal["tool_result"] = "tool_result"
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One tool call the agent made, as reported in the response's `steps`."""
+
+    tool: str
+    arguments: str
+    result: str
+    is_error: bool
+    duration_ms: float
+
+
+@dataclass(slots=True)
+class AgentResult:
+    answer: str
+    model: str
+    usage: Usage
+    steps: list[StepRecord]
+    finish_reason: FinishReason
+    messages: list[Message]
+    """The messages this turn added after the user's: tool steps and the final answer."""
+    message_usage: list[Usage] = field(default_factory=list)
+    """Token usage per message in `messages` (zero for tool results)."""
+    type: Literal["final"] = "final"
+
+
+AgentEvent = TextDelta | ToolCallStarted | ToolCallFinished | AgentResult
+
+
+class Agent:
+    """One pooled agent: a spec bound to a chat model and its tools. Stateless per request."""
+
+    __slots__ = ("_model", "_model_id", "_tool_schemas", "_tools", "spec")
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        model: ChatModel,
+        tools: ToolRegistry,
+        *,
+        model_id: str,
+        tool_schemas: Sequence[ToolSchema],
+    ) -> None:
+        self.spec = spec
+        self._model = model
+        self._model_id = model_id
+        self._tools = tools
+        self._tool_schemas = tool_schemas
+
+    async def run(
+        self, history: Sequence[Message], user_message: str, *, stream: bool = False
+    ) -> AsyncIterator[AgentEvent]:
+        """Model → tool calls (in parallel) → results → model … until an answer or max_steps."""
+        messages: list[Message] = [
+            {"role": "system", "content": self.spec.instructions},
+            *history,
+            {"role": "user", "content": user_message},
+        ]
+        added: list[Message] = []
+        added_usage: list[Usage] = []
+        steps: list[StepRecord] = []
+        usage = Usage()
+        model_name = ""
+        last_text = ""
+        for _ in range(self.spec.max_steps):
+            request = ChatRequest(
+                messages=messages,
+                model=self._model_id,
+                tools=self._tool_schemas,
+                temperature=self.spec.temperature,
+                max_tokens=self.spec.max_tokens,
+            )
+            completion: Completion | None = None
+            if stream and isinstance(self._model, StreamingChatModel):
+                async for item in self._model.stream(request):
+                    if isinstance(item, CompletionDelta):
+                        yield TextDelta(item.content)
+                    else:
+                        completion = item
+            else:
+                completion = await self._model.complete(request)
+            assert completion is not None, "a model stream must end with a Completion"
+            usage = usage + completion.usage
+            model_name = completion.model or model_name
+            message = completion.to_message()
+            messages.append(message)
+            added.append(message)
+            added_usage.append(completion.usage)
+            last_text = completion.content or last_text
+            if not completion.tool_calls:
+                reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
+                yield self._result(
+                    completion.content or "", model_name, usage, steps, reason, added, added_usage
+                )
+                return
+            for call in completion.tool_calls:
+                yield ToolCallStarted(call)
+            results = await asyncio.gather(*(self._invoke(call) for call in completion.tool_calls))
+            for call, (result, duration_ms) in zip(completion.tool_calls, results, strict=True):
+                tool_message: Message = {
+                    "role": "tool",
+                    "tool_call_id": call.id,
+                    "name": call.name,
+                    "content": result.content,
+                }
+                messages.append(tool_message)
+                added.append(tool_message)
+                added_usage.append(Usage())
+                steps.append(
+                    StepRecord(
+                        call.name, call.arguments, result.content, result.is_error, duration_ms
+                    )
+                )
+                yield ToolCallFinished(call, result, duration_ms)
+        note = f"[stopped after {self.spec.max_steps} steps without a final answer]"
+        answer = f"{last_text}\n\n{note}" if last_text else note
+        final: Message = {"role": "assistant", "content": answer}
+        added.append(final)
+        added_usage.append(Usage())
+        yield self._result(answer, model_name, usage, steps, "max_steps", added, added_usage)
+
+    async def _invoke(self, call: ToolCall) -> tuple[ToolResult, float]:
+        started = time.perf_counter()
+        if call.name not in self.spec.tools:
+            result = ToolResult(f"unknown tool {call.name!r}", is_error=True)
+        else:
+            result = await self._tools.invoke(call.name, call.arguments)
+        return result, (time.perf_counter() - started) * 1000
+
+    @staticmethod
+    def _result(
+        answer: str,
+        model: str,
+        usage: Usage,
+        steps: list[StepRecord],
+        reason: FinishReason,
+        added: list[Message],
+        added_usage: list[Usage],
+    ) -> AgentResult:
+        return AgentResult(
+            answer=answer,
+            model=model,
+            usage=usage,
+            steps=steps,
+            finish_reason=reason,
+            messages=added,
+            message_usage=added_usage,
+        )
+
+
+async def collect(events: AsyncIterator[AgentEvent]) -> AgentResult:
+    """The JSON answer is the event stream, collected."""
+    async for event in events:
+        if isinstance(event, AgentResult):
+            return event
+    raise RuntimeError("agent run ended without a final result")
+
+
+__all__ = [
+    "Agent",
+    "AgentEvent",
+    "AgentResult",
+    "StepRecord",
+    "TextDelta",
+    "ToolCallFinished",
+    "ToolCallStarted",
+    "collect",
+]

@@ -1,0 +1,105 @@
+"""Request and response bodies: pydantic at the edge only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+QUERY_EXAMPLES = {
+    "new conversation": {
+        "summary": "Start a new conversation with the default agent",
+        "value": {"message": "Hello! What can you do?"},
+    },
+    "tool use": {
+        "summary": "Ask the tools agent to compute",
+        "value": {"message": "What is (12 + 30) * 2?", "agent": "tools"},
+    },
+    "with metadata": {
+        "summary": "Tag the session with metadata",
+        "value": {"message": "Summarise our plan.", "metadata": {"ticket": "OPS-42"}},
+    },
+}
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, description="The user's message.")
+    session_id: uuid.UUID | None = Field(
+        None, description="Continue this session; omit to start a new one."
+    )
+    agent: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Agent to talk to; DEFAULT_AGENT when omitted.",
+    )
+    metadata: dict[str, JsonValue] | None = Field(
+        None, description="Stored with a new session (ignored when continuing one)."
+    )
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message must not be blank")
+        return value
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class StepOut(BaseModel):
+    tool: str
+    arguments: str
+    result: str
+    is_error: bool
+    duration_ms: float
+
+
+class QueryResponse(BaseModel):
+    answer: str
+    session_id: uuid.UUID
+    agent: str
+    model: str
+    usage: UsageOut
+    steps: list[StepOut]
+    finish_reason: Literal["stop", "max_steps", "length"]
+    cached: bool
+    request_id: str
+    latency_ms: float
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["validation_error"])
+    message: str
+    request_id: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class CheckOut(BaseModel):
+    status: Literal["ok", "fail", "degraded", "info"]
+    latency_ms: float | None = None
+    detail: str | None = None
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, CheckOut]
+
+
+class AgentOut(BaseModel):
+    name: str
+    description: str
+    model: str
+    tools: list[str]
+    max_steps: int
+    pool_size: int

@@ -1,0 +1,113 @@
+"""One OpenAI-compatible Chat Completions upstream over a shared httpx.AsyncClient.
+
+Translates transport and HTTP failures into LLMError with a `kind` and `status_code`, so
+the retry policy and the breaker decide on facts, not on exception classes of httpx.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import aconnect_sse
+
+from app.config import Settings, UpstreamConfig
+from app.llm.types import ChatRequest, Completion, CompletionDelta, LLMError
+from app.llm.wire import StreamAccumulator, parse_completion
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def build_http_client(settings: Settings, upstream: UpstreamConfig) -> httpx.AsyncClient:
+    headers = {"Content-Type": "application/json", **upstream.headers}
+    if upstream.api_key is not None:
+        headers["Authorization"] = f"Bearer {upstream.api_key.get_secret_value()}"
+    return httpx.AsyncClient(
+        base_url=str(upstream.base_url).rstrip("/"),
+        headers=headers,
+        timeout=httpx.Timeout(settings.llm_timeout, connect=settings.llm_connect_timeout),
+        limits=httpx.Limits(
+            max_connections=settings.llm_max_connections,
+            max_keepalive_connections=settings.llm_max_keepalive,
+        ),
+    )
+
+
+class OpenAICompatibleModel:
+    """StreamingChatModel over `POST {base_url}/chat/completions`."""
+
+    def __init__(self, name: str, client: httpx.AsyncClient) -> None:
+        self.name = name
+        self._client = client
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        try:
+            response = await self._client.post(
+                "/chat/completions", content=orjson.dumps(request.to_payload())
+            )
+        except httpx.TimeoutException as exc:
+            raise self._error("timeout", f"timed out: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            raise self._error("connect", f"transport error: {exc!r}") from exc
+        if response.status_code >= 400:
+            raise self._status_error(response)
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise self._error("protocol", "response body is not JSON") from exc
+        return parse_completion(data, upstream=self.name)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[CompletionDelta | Completion]:
+        accumulator = StreamAccumulator(upstream=self.name)
+        payload = request.to_payload(stream=True)
+        try:
+            async with aconnect_sse(
+                self._client, "POST", "/chat/completions", content=orjson.dumps(payload)
+            ) as source:
+                if source.response.status_code >= 400:
+                    await source.response.aread()
+                    raise self._status_error(source.response)
+                async for sse in source.aiter_sse():
+                    if sse.data.strip() == "[DONE]":
+                        break
+                    text = accumulator.feed(orjson.loads(sse.data))
+                    if text:
+                        yield CompletionDelta(text)
+        except httpx.TimeoutException as exc:
+            raise self._error("timeout", f"timed out: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            raise self._error("connect", f"transport error: {exc!r}") from exc
+        except orjson.JSONDecodeError as exc:
+            raise self._error("protocol", "stream chunk is not JSON") from exc
+        yield accumulator.result()
+
+    def _error(self, kind: Any, message: str) -> LLMError:
+        return LLMError(f"upstream {self.name!r}: {message}", upstream=self.name, kind=kind)
+
+    def _status_error(self, response: httpx.Response) -> LLMError:
+        detail = response.text[:300] if response.content else ""
+        return LLMError(
+            f"upstream {self.name!r} answered HTTP {response.status_code}: {detail}",
+            upstream=self.name,
+            kind="status",
+            status_code=response.status_code,
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )

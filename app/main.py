@@ -1,0 +1,87 @@
+"""The app factory. Every component is built in the lifespan from Settings, never at import.
+
+`create_app(Settings(...))` is what tests call; `agentserve serve` and uvicorn's
+`--factory app.main:create_app` call it with the environment's settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from app import __version__
+from app.api import ops, query
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodySizeLimit
+from app.config import Settings
+from app.observability.logging import configure_logging
+from app.observability.metrics import Metrics
+from app.runtime import build_runtime
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def valid_request_id(value: str) -> bool:
+    """Accept caller ids that are safe to log and echo; others are replaced by a new one."""
+    return REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    runtime = await build_runtime(settings, app.state.metrics)
+    app.state.runtime = runtime
+    logger.info(
+        "agentserve ready",
+        extra={
+            "agents": sorted(runtime.specs),
+            "upstreams": [config.name for config, _ in runtime.gateway.upstreams],
+            "database": runtime.engine.url.render_as_string(hide_password=True),
+        },
+    )
+    try:
+        yield
+    finally:
+        runtime.lifecycle.draining = True
+        await runtime.aclose()
+        logger.info("agentserve stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="agentserve",
+        version=__version__,
+        summary="Pooled LLM agents over HTTP, with persistent sessions.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics(CollectorRegistry(auto_describe=True))
+
+    install_error_handlers(app)
+    app.include_router(query.router)
+    app.include_router(ops.router)
+
+    Instrumentator(
+        registry=app.state.metrics.registry,
+        excluded_handlers=["/metrics", "/health", "/ready"],
+    ).instrument(app, metric_namespace="agentserve").expose(
+        app, endpoint="/metrics", include_in_schema=True, tags=["operations"]
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        CorrelationIdMiddleware,
+        header_name="X-Request-ID",
+        validator=valid_request_id,
+    )
+    return app

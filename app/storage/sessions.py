@@ -1,0 +1,182 @@
+"""SessionStore: load a conversation, write one turn atomically.
+
+Core statements over the ORM tables (no identity map): a turn is a handful of rows and
+this is the hot path. A connection is held only inside `load` and `save_turn`, never while
+an agent waits for the LLM.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.llm.types import Message
+from app.storage.models import ChatMessage, ChatSession
+
+_messages = cast(Table, ChatMessage.__table__)
+_sessions = cast(Table, ChatSession.__table__)
+
+
+class SessionBusyError(Exception):
+    """Another turn was written to the session since this one loaded it."""
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    id: uuid.UUID
+    owner: str | None
+    agent: str
+    message_count: int
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    history: list[Message] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """A message to write: wire shape plus bookkeeping."""
+
+    message: Message
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Turn:
+    session_id: uuid.UUID
+    agent: str
+    owner: str | None
+    is_new: bool
+    expected_count: int
+    messages: Sequence[StoredMessage]
+    request_id: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_wire(row: Any) -> Message:
+    message: Message = {"role": row.role, "content": row.content}
+    if row.tool_calls:
+        message["tool_calls"] = row.tool_calls
+    if row.tool_call_id:
+        message["tool_call_id"] = row.tool_call_id
+    if row.name and row.role == "tool":
+        message["name"] = row.name
+    return message
+
+
+def trim_history(history: list[Message]) -> list[Message]:
+    """A window cut mid-turn may start with tool results; start it at a user message."""
+    for index, message in enumerate(history):
+        if message["role"] == "user":
+            return history[index:]
+    return []
+
+
+class SessionStore:
+    def __init__(self, engine: AsyncEngine, *, history_limit: int) -> None:
+        self._engine = engine
+        self._history_limit = history_limit
+
+    async def load(self, session_id: uuid.UUID) -> SessionRecord | None:
+        """The session and its last `history_limit` messages (by index, oldest first)."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(_sessions).where(_sessions.c.id == session_id))
+            ).first()
+            if row is None:
+                return None
+            recent = (
+                await conn.execute(
+                    select(
+                        _messages.c.role,
+                        _messages.c.content,
+                        _messages.c.tool_calls,
+                        _messages.c.tool_call_id,
+                        _messages.c.name,
+                    )
+                    .where(_messages.c.session_id == session_id)
+                    .order_by(_messages.c.seq.desc())
+                    .limit(self._history_limit)
+                )
+            ).all()
+        return SessionRecord(
+            id=row.id,
+            owner=row.owner,
+            agent=row.agent,
+            message_count=row.message_count,
+            metadata=row.metadata or {},
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            history=trim_history([_to_wire(r) for r in reversed(recent)]),
+        )
+
+    async def save_turn(self, turn: Turn) -> None:
+        """Write the whole turn in one transaction, or nothing (SessionBusyError)."""
+        now = datetime.now(UTC)
+        first_seq = turn.expected_count + 1
+        rows = [
+            {
+                "session_id": turn.session_id,
+                "seq": first_seq + offset,
+                "role": stored.message["role"],
+                "content": stored.message.get("content"),
+                "tool_calls": stored.message.get("tool_calls"),
+                "tool_call_id": stored.message.get("tool_call_id"),
+                "name": stored.message.get("name"),
+                "prompt_tokens": stored.prompt_tokens,
+                "completion_tokens": stored.completion_tokens,
+                "request_id": turn.request_id,
+                "created_at": now,
+            }
+            for offset, stored in enumerate(turn.messages)
+        ]
+        new_count = turn.expected_count + len(rows)
+        try:
+            async with self._engine.begin() as conn:
+                if turn.is_new:
+                    await conn.execute(
+                        insert(_sessions).values(
+                            id=turn.session_id,
+                            owner=turn.owner,
+                            agent=turn.agent,
+                            message_count=new_count,
+                            metadata=turn.metadata,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                else:
+                    result = await conn.execute(
+                        update(_sessions)
+                        .where(
+                            _sessions.c.id == turn.session_id,
+                            _sessions.c.message_count == turn.expected_count,
+                        )
+                        .values(message_count=new_count, updated_at=now)
+                    )
+                    if result.rowcount != 1:
+                        raise SessionBusyError(str(turn.session_id))
+                await conn.execute(insert(_messages), rows)
+        except IntegrityError as exc:  # a concurrent writer took the same seq numbers
+            raise SessionBusyError(str(turn.session_id)) from exc
+
+    async def count_messages(self, session_id: uuid.UUID) -> int:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(func.count()).where(_messages.c.session_id == session_id)
+            )
+            return int(result.scalar_one())
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(_messages).where(_messages.c.session_id == session_id))
+            result = await conn.execute(delete(_sessions).where(_sessions.c.id == session_id))
+            return bool(result.rowcount)
