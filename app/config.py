@@ -40,16 +40,12 @@ class Settings(BaseSettings):
     )
 
     # --- service -------------------------------------------------------------------------
-    app_env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     access_log: bool = Field(True, description="One log line per HTTP request (uvicorn).")
-    instance_name: str = Field(
-        "", description="Sent as X-Instance header; defaults to hostname:port when empty."
-    )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-* headers are trusted."
     )
@@ -84,7 +80,6 @@ class Settings(BaseSettings):
     default_agent: str = "assistant"
     pool_acquire_timeout: float = Field(5.0, ge=0)
     pool_max_waiting: int = Field(64, ge=0, description="Longest queue per agent pool.")
-    tool_timeout: float = Field(10.0, gt=0)
 
     # --- LLM upstreams -------------------------------------------------------------------
     llm_base_url: AnyHttpUrl | None = None

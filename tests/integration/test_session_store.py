@@ -1,0 +1,120 @@
+"""SessionStore on SQLite and Postgres: atomic turns, bounded history, no interleaving."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.storage.sessions import SessionBusyError, SessionStore, StoredMessage, Turn
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+def turn(session_id: uuid.UUID, expected: int, *texts: str, is_new: bool = False) -> Turn:
+    messages = [
+        StoredMessage({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+        for i, text in enumerate(texts)
+    ]
+    return Turn(
+        session_id=session_id,
+        agent="assistant",
+        owner=None,
+        is_new=is_new,
+        expected_count=expected,
+        messages=messages,
+        request_id="req",
+    )
+
+
+async def test_history_is_bounded_and_starts_at_a_user_message(engine: AsyncEngine) -> None:
+    store = SessionStore(engine, history_limit=5)
+    sid = uuid.uuid4()
+    await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
+    count = 2
+    for i in range(1, 6):
+        await store.save_turn(turn(sid, count, f"q{i}", f"a{i}"))
+        count += 2
+    record = await store.load(sid)
+    assert record is not None
+    assert record.message_count == 12
+    # the last 5 messages are a3 q4 a4 q5 a5; a window must start at a user message
+    assert [m["content"] for m in record.history] == ["q4", "a4", "q5", "a5"]
+    assert record.history[0]["role"] == "user"
+
+
+async def test_a_stale_turn_is_refused_and_writes_nothing(engine: AsyncEngine) -> None:
+    store = SessionStore(engine, history_limit=50)
+    sid = uuid.uuid4()
+    await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
+    await store.save_turn(turn(sid, 2, "q1", "a1"))
+    with pytest.raises(SessionBusyError):
+        await store.save_turn(turn(sid, 2, "late", "late answer"))
+    assert await store.count_messages(sid) == 4
+    record = await store.load(sid)
+    assert record is not None
+    assert [m["content"] for m in record.history] == ["q0", "a0", "q1", "a1"]
+
+
+async def test_a_new_session_with_a_taken_id_is_refused(engine: AsyncEngine) -> None:
+    store = SessionStore(engine, history_limit=50)
+    sid = uuid.uuid4()
+    await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
+    with pytest.raises(SessionBusyError):
+        await store.save_turn(turn(sid, 0, "other", "other", is_new=True))
+    assert await store.count_messages(sid) == 2
+
+
+async def test_tool_messages_round_trip(engine: AsyncEngine) -> None:
+    store = SessionStore(engine, history_limit=50)
+    sid = uuid.uuid4()
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'},
+    }
+    await store.save_turn(
+        Turn(
+            session_id=sid,
+            agent="tools",
+            owner=None,
+            is_new=True,
+            expected_count=0,
+            messages=[
+                StoredMessage({"role": "user", "content": "1+1?"}),
+                StoredMessage({"role": "assistant", "content": None, "tool_calls": [call]}, 10, 5),
+                StoredMessage(
+                    {"role": "tool", "tool_call_id": "call_1", "name": "calculator", "content": "2"}
+                ),
+                StoredMessage({"role": "assistant", "content": "It is 2."}, 20, 4),
+            ],
+            request_id="r1",
+        )
+    )
+    record = await store.load(sid)
+    assert record is not None
+    assert record.history == [
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "calculator", "content": "2"},
+        {"role": "assistant", "content": "It is 2."},
+    ]
+
+
+async def test_delete_removes_session_and_messages(engine: AsyncEngine) -> None:
+    store = SessionStore(engine, history_limit=50)
+    sid = uuid.uuid4()
+    await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
+    assert await store.delete(sid) is True
+    assert await store.load(sid) is None
+    assert await store.count_messages(sid) == 0
+    assert await store.delete(sid) is False
