@@ -81,7 +81,7 @@ def make_settings(**overrides: Any) -> Settings:
         "breaker_open_seconds": 0.5,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @asynccontextmanager

@@ -86,7 +86,10 @@ class AgentPool(Generic[T]):
             async with asyncio.timeout(self._acquire_timeout):
                 instance = await waiter
         except TimeoutError:
-            raise self._reject("timeout") from None
+            if not waiter.done() or waiter.cancelled():
+                raise self._reject("timeout") from None
+            # release() handed us an instance in the same tick the deadline passed: keep it.
+            instance = waiter.result()
         except BaseException:
             # Cancelled (or timed out) after release() handed us an instance: pass it on.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:

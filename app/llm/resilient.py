@@ -162,23 +162,41 @@ class ResilientUpstream:
         assert iterator is not None
         assert first is not None
         item: CompletionDelta | Completion = first
+        settled = False  # has the breaker been told how this call went?
         try:
             while True:
-                yield item
                 if isinstance(item, Completion):
                     self._succeeded(request.model, item, started)
+                    settled = True
+                    yield item
                     return
+                yield item
                 async with asyncio.timeout(self._policy.attempt_timeout):
-                    item = await iterator.__anext__()
-        except asyncio.CancelledError:
-            self.breaker.release()
-            raise
+                    item = await anext(iterator)
         except TimeoutError:
+            settled = True
             self._failed(request.model, "timeout", started)
             raise LLMError("stream stalled", upstream=self.name, kind="timeout") from None
         except LLMError as error:
+            settled = True
             self._record_error(request.model, error, started)
             raise
+        except Exception as exc:
+            settled = True
+            self._failed(request.model, "error", started)
+            raise LLMError(
+                f"upstream {self.name!r} stream failed: {exc!r}",
+                upstream=self.name,
+                kind="protocol",
+            ) from exc
+        finally:
+            # Cancelled, or the consumer stopped reading (GeneratorExit): no verdict on the
+            # upstream, but the permit must come back or a half-open breaker sticks.
+            if not settled:
+                self.breaker.release()
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
 
     async def _attempt(self, request: ChatRequest) -> Completion:
         self.breaker.try_acquire()

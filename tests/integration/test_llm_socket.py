@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -48,6 +48,11 @@ LENIENT_BREAKER = BreakerConfig(sliding_window_size=100, minimum_number_of_calls
 
 def ask(text: str = "hello over a socket", **extra: Any) -> ChatRequest:
     return ChatRequest(messages=[{"role": "user", "content": text}], model="gpt-x", **extra)
+
+
+def state(breaker: CircuitBreaker) -> BreakerState:
+    """The breaker's state, read through a call so mypy does not narrow it between reads."""
+    return breaker.state
 
 
 class RecordingObserver:
@@ -367,6 +372,29 @@ async def test_hanging_upstream_times_out_after_retries(
     assert 0.2 * MAX_ATTEMPTS * 0.9 <= elapsed < 2.0
 
 
+async def test_hanging_stream_times_out_after_retries(
+    sim: SimServer, make_upstream: MakeUpstream
+) -> None:
+    sim.simulator.knobs = SimulatorKnobs(hang=True)
+    policy = RetryPolicy(
+        max_attempts=MAX_ATTEMPTS,
+        backoff_initial=0.001,
+        backoff_max=0.01,
+        attempt_timeout=0.1,
+        deadline=5.0,
+    )
+    upstream = make_upstream(sim.base_url, llm_timeout=0.1, policy=policy)
+
+    started = time.perf_counter()
+    with pytest.raises(LLMError) as caught:
+        async for _ in upstream.stream(ask()):
+            pass
+
+    assert caught.value.kind == "timeout"
+    assert sim.calls == MAX_ATTEMPTS
+    assert time.perf_counter() - started < 2.0
+
+
 async def test_hanging_upstream_hits_the_per_call_deadline(
     sim: SimServer, make_upstream: MakeUpstream
 ) -> None:
@@ -477,13 +505,13 @@ async def test_breaker_opens_stops_io_and_recovers(
     with pytest.raises(LLMError) as caught:
         await upstream.complete(ask())
     assert caught.value.status_code == 500
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
     assert sim.calls == 3
 
     # Second call: the 4th failure opens the breaker; the next attempt is refused at once.
     with pytest.raises(CallNotPermittedError):
         await upstream.complete(ask())
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
     assert sim.calls == 4
     assert 0.0 < breaker.retry_after() <= 0.3
 
@@ -507,21 +535,21 @@ async def test_breaker_opens_stops_io_and_recovers(
     assert sim.calls == 4
 
     await asyncio.sleep(breaker.retry_after() + 0.02)
-    assert breaker.state is BreakerState.OPEN  # reading never transitions
+    assert state(breaker) is BreakerState.OPEN  # reading never transitions
 
     probe = await upstream.complete(ask("probe 1"))
     assert probe.upstream == "primary"
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state(breaker) is BreakerState.HALF_OPEN
     assert sim.calls == 5
 
     await upstream.complete(ask("probe 2"))
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
     assert sim.calls == 6
 
     for _ in range(3):
         assert (await upstream.complete(ask())).model == "simulator"
     assert sim.calls == 9
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
 
 
 async def test_failed_half_open_probe_reopens(sim: SimServer, make_upstream: MakeUpstream) -> None:
@@ -537,15 +565,49 @@ async def test_failed_half_open_probe_reopens(sim: SimServer, make_upstream: Mak
     for _ in range(2):
         with pytest.raises(LLMError):
             await upstream.complete(ask())
-    assert upstream.breaker.state is BreakerState.OPEN
+    assert state(upstream.breaker) is BreakerState.OPEN
 
     await asyncio.sleep(upstream.breaker.retry_after() + 0.02)
     with pytest.raises(LLMError) as caught:
         await upstream.complete(ask())  # the probe reaches the server and fails
     assert caught.value.status_code == 500
     assert sim.calls == 3
-    assert upstream.breaker.state is BreakerState.OPEN
+    assert state(upstream.breaker) is BreakerState.OPEN
     assert upstream.breaker.retry_after() > 0.05
+
+
+async def test_stream_closed_early_gives_the_half_open_permit_back(
+    sim: SimServer, make_upstream: MakeUpstream
+) -> None:
+    sim.simulator.knobs = SimulatorKnobs(error_rate=1.0)
+    config = BreakerConfig(
+        sliding_window_size=1,
+        minimum_number_of_calls=1,
+        wait_duration_in_open_state=0.05,
+        permitted_number_of_calls_in_half_open_state=1,
+    )
+    policy = RetryPolicy(max_attempts=1, attempt_timeout=2.0, deadline=5.0)
+    upstream = make_upstream(sim.base_url, breaker=config, policy=policy)
+    with pytest.raises(LLMError):
+        await upstream.complete(ask())
+    assert state(upstream.breaker) is BreakerState.OPEN
+    sim.simulator.knobs = SimulatorKnobs()
+    await asyncio.sleep(upstream.breaker.retry_after() + 0.02)
+
+    # The half-open probe is a stream whose consumer goes away after the first delta
+    # (e.g. the HTTP client of an SSE endpoint disconnected).
+    stream = cast(
+        AsyncGenerator[CompletionDelta | Completion, None],
+        upstream.stream(ask("a probe that is abandoned half way")),
+    )
+    first = await anext(stream)
+    assert isinstance(first, CompletionDelta)
+    assert state(upstream.breaker) is BreakerState.HALF_OPEN
+    await stream.aclose()
+
+    # The abandoned probe must not hold the only permit forever.
+    completion = await upstream.complete(ask())
+    assert completion.upstream == "primary"
 
 
 async def test_fallback_answers_while_primary_is_open(
@@ -561,7 +623,7 @@ async def test_fallback_answers_while_primary_is_open(
 
     first = await chain.complete(ask())
     assert first.upstream == "fallback"
-    assert primary.breaker.state is BreakerState.OPEN
+    assert state(primary.breaker) is BreakerState.OPEN
     opened_at_calls = sim.calls
     assert opened_at_calls == 2  # the 3rd attempt was refused by the open breaker
 

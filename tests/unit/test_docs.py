@@ -24,6 +24,6 @@ def test_env_example_lists_every_setting() -> None:
 
 
 def test_env_example_values_parse() -> None:
-    settings = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+    settings = Settings(_env_file=ROOT / ".env.example")
     assert settings.database_url.startswith("sqlite+aiosqlite://")
     assert [u.kind for u in settings.upstreams] == ["simulator"]

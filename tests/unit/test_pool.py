@@ -251,16 +251,9 @@ async def test_cancel_in_the_same_tick_as_release_without_other_waiter_frees_it(
     assert pool.waiting == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG app/agents/pool.py:88-89: when release() hands the instance to a waiter whose "
-        "acquire_timeout fires in the same loop tick, `except TimeoutError` rejects the caller "
-        "without passing waiter.result() on (the BaseException branch that would is never "
-        "reached), so the instance is lost: in_use stays 1 forever"
-    ),
-)
 async def test_timeout_in_the_same_tick_as_release_does_not_lose_the_instance() -> None:
+    """Regression: `except TimeoutError` used to reject without passing the handed-over
+    instance on, so the pool lost it for good (in_use stuck at 1)."""
     pool = make_pool(1, acquire_timeout=0.05)
     held = await pool.acquire()
     waiter = asyncio.create_task(pool.acquire())
@@ -353,21 +346,32 @@ async def test_lease_releases_on_normal_exit_and_on_exception() -> None:
         assert pool.in_use == 1
     assert_conserved(pool, held=0)
 
-    with pytest.raises(RuntimeError, match="boom"):
+    seen: list[int] = []
+
+    async def fail_inside() -> None:
         async with pool.lease():
-            assert pool.available == 0
+            seen.append(pool.available)
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await fail_inside()
+    assert seen == [0]
     assert_conserved(pool, held=0)
 
 
 async def test_lease_exception_hands_instance_to_waiter() -> None:
     pool = make_pool(1, acquire_timeout=5.0)
-    waiter: asyncio.Task[str] | None = None
-    with pytest.raises(RuntimeError):
+    leased: list[str] = []
+    waiters: list[asyncio.Task[str]] = []
+
+    async def fail_inside() -> None:
         async with pool.lease() as instance:
-            waiter = asyncio.create_task(pool.acquire())
+            leased.append(instance)
+            waiters.append(asyncio.create_task(pool.acquire()))
             await settle()
             assert pool.waiting == 1
             raise RuntimeError("boom")
-    assert waiter is not None
-    assert await asyncio.wait_for(waiter, 0.1) == instance
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await fail_inside()
+    assert await asyncio.wait_for(waiters[0], 0.1) == leased[0]
