@@ -12,10 +12,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGED_AGENTS_FILE = Path(__file__).with_name("agents.yaml")
+
+DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"  # noqa: S105 - refused in prod
+"""The default HS256 secret: fine for `make run`, refused in production mode."""
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 
 
 class UpstreamConfig(BaseModel):
@@ -40,6 +48,9 @@ class Settings(BaseSettings):
     )
 
     # --- service -------------------------------------------------------------------------
+    app_env: Literal["development", "production"] = Field(
+        "development", description="production: refuses weak JWT settings at start."
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)
@@ -81,6 +92,39 @@ class Settings(BaseSettings):
     pool_acquire_timeout: float = Field(5.0, ge=0)
     pool_max_waiting: int = Field(64, ge=0, description="Longest queue per agent pool.")
 
+    # --- Redis: response cache, rate limits ----------------------------------------------
+    redis_url: str | None = Field(None, description="Unset: in-process cache and limits.")
+    redis_key_prefix: str = "agentserve:"
+    redis_socket_timeout: float = Field(0.1, gt=0, description="Seconds per Redis operation.")
+    redis_max_connections: int = Field(50, ge=1)
+    cache_enabled: bool = True
+    cache_ttl_seconds: int = Field(3600, ge=1, description="Default; agents may set their own.")
+    cache_max_entries: int = Field(10_000, ge=1, description="In-process cache size.")
+    cache_lock_seconds: float = Field(
+        30.0, gt=0, description="Cross-replica single-flight lock lifetime."
+    )
+    cache_breaker_open_seconds: float = Field(5.0, gt=0)
+
+    # --- JWT on /secure-query (RFC 8725) -------------------------------------------------
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["HS256"])
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    jwt_public_key: SecretStr | None = Field(None, description="PEM, for RS*/ES*/PS*/EdDSA.")
+    jwt_jwks_url: AnyHttpUrl | None = None
+    jwt_jwks_cache_seconds: float = Field(300.0, gt=0)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = Field(30.0, ge=0)
+    jwt_required_scope: str = "agents:query"
+    jwt_agents_claim: str = Field("agents", description="Claim listing allowed agents.")
+
+    # --- limits per caller (OWASP API4) --------------------------------------------------
+    anonymous_query_enabled: bool = Field(True, description="false: only /secure-query.")
+    rate_limit_query: str = Field("60/minute", description="Per client IP on /query.")
+    rate_limit_secure_query: str = Field("120/minute", description="Per subject.")
+    concurrency_limit_query: int = Field(8, ge=1, description="Per client IP on /query.")
+    concurrency_limit_secure_query: int = Field(16, ge=1, description="Per subject.")
+    session_max_messages: int = Field(10_000, ge=2, description="Longer sessions get 422.")
+
     # --- LLM upstreams -------------------------------------------------------------------
     llm_base_url: AnyHttpUrl | None = None
     llm_api_key: SecretStr | None = None
@@ -121,6 +165,55 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else []
         return value
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _parse_algorithms(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _safe_algorithms(cls, value: list[str]) -> list[str]:
+        """RFC 8725: an explicit allowlist, never `none`, never HMAC beside public-key."""
+        if not value:
+            raise ValueError("JWT_ALGORITHMS must name at least one algorithm")
+        unknown = set(value) - HMAC_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+        if unknown:
+            raise ValueError(f"JWT_ALGORITHMS has unsupported or unsafe entries: {unknown}")
+        if set(value) & HMAC_ALGORITHMS and set(value) & ASYMMETRIC_ALGORITHMS:
+            raise ValueError("JWT_ALGORITHMS must not mix HMAC (HS*) and public-key algorithms")
+        return value
+
+    @model_validator(mode="after")
+    def _production_guards(self) -> Settings:
+        if self.uses_hmac and len(self.jwt_secret.get_secret_value().encode()) < 32:
+            raise ValueError("JWT_SECRET must be at least 32 bytes for HS* algorithms")
+        if not self.uses_hmac and self.jwt_public_key is None and self.jwt_jwks_url is None:
+            raise ValueError("public-key JWT_ALGORITHMS need JWT_PUBLIC_KEY or JWT_JWKS_URL")
+        if self.app_env == "production":
+            problems = []
+            if self.uses_hmac and self.jwt_secret.get_secret_value() == DEV_JWT_SECRET:
+                problems.append("JWT_SECRET is the development default")
+            if not self.jwt_issuer:
+                problems.append("JWT_ISSUER is required")
+            if not self.jwt_audience:
+                problems.append("JWT_AUDIENCE is required")
+            if problems:
+                raise ValueError("refusing to run in production: " + "; ".join(problems))
+        return self
+
+    @property
+    def uses_hmac(self) -> bool:
+        return bool(set(self.jwt_algorithms) & HMAC_ALGORITHMS)
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.jwt_secret.get_secret_value() == DEV_JWT_SECRET
 
     @field_validator("database_url")
     @classmethod

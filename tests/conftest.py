@@ -19,6 +19,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.config import Settings
 from app.main import create_app
@@ -58,6 +60,40 @@ async def postgres_url() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+START_REDIS = (
+    "start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' "
+    "(or point TEST_REDIS_URL at one)"
+)
+
+
+@pytest.fixture(scope="session")
+async def redis_url() -> str:
+    """The real Redis; this run's keys live under `redis_prefix`, so runs never collide."""
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        await client.ping()
+    except RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc!r}); {START_REDIS}")
+    finally:
+        await client.aclose()
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"agentserve-test:{os.getpid()}:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
