@@ -56,8 +56,8 @@ def serve(args: argparse.Namespace) -> None:
         "reload": args.reload,
         "log_config": None,
         "access_log": settings.access_log,
-        "proxy_headers": True,
-        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        # the app applies X-Forwarded-* itself (FORWARDED_ALLOW_IPS), in tests too
+        "proxy_headers": False,
         "timeout_graceful_shutdown": int(settings.drain_seconds),
         "server_header": False,
     }
@@ -76,6 +76,26 @@ def migrate(_: argparse.Namespace) -> None:
     configure_logging(settings.log_level, json_lines=settings.log_json)
     upgrade_to_head(settings.database_url)
     logging.getLogger("app.cli").info("database migrated to head")
+
+
+def token(args: argparse.Namespace) -> None:
+    """Print a development token signed with JWT_SECRET (refused in production)."""
+    from app.security.jwt import mint_token
+
+    settings = Settings()
+    try:
+        print(
+            mint_token(
+                settings,
+                args.sub,
+                scopes=args.scope or [settings.jwt_required_scope],
+                ttl_seconds=args.ttl,
+                agents=args.agent,
+            )
+        )
+    except ValueError as exc:
+        print(f"agentserve token: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def simulate(args: argparse.Namespace) -> None:
@@ -106,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_migrate = commands.add_parser("migrate", help="alembic upgrade head on DATABASE_URL")
     p_migrate.set_defaults(func=migrate)
+
+    p_token = commands.add_parser("token", help="mint a development JWT (HS256, JWT_SECRET)")
+    p_token.add_argument("--sub", required=True, help="the subject (user id)")
+    p_token.add_argument(
+        "--scope", action="append", help="a scope to grant (repeatable; default agents:query)"
+    )
+    p_token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    p_token.add_argument(
+        "--agent", action="append", help="restrict the token to this agent (repeatable)"
+    )
+    p_token.set_defaults(func=token)
 
     p_sim = commands.add_parser(
         "simulate", help="run the LLM simulator as an OpenAI-compatible HTTP server"

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     cache_ttl_seconds: int = Field(3600, ge=1, description="Default; agents may set their own.")
     cache_max_entries: int = Field(10_000, ge=1, description="In-process cache size.")
     cache_lock_seconds: float = Field(
-        30.0, gt=0, description="Cross-replica single-flight lock lifetime."
+        90.0, gt=0, description="Cross-replica single-flight lock lifetime (≈ LLM_DEADLINE)."
     )
     cache_breaker_open_seconds: float = Field(5.0, gt=0)
 

@@ -15,9 +15,10 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
-from app.api import ops, query
+from app.api import ops, query, sessions
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimit
 from app.config import Settings
@@ -69,7 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(CollectorRegistry(auto_describe=True))
 
     install_error_handlers(app)
-    app.include_router(query.router)
+    if settings.anonymous_query_enabled:
+        app.include_router(query.router)
+    app.include_router(query.secure_router)
+    app.include_router(sessions.router)
     app.include_router(ops.router)
 
     Instrumentator(
@@ -84,4 +88,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         header_name="X-Request-ID",
         validator=valid_request_id,
     )
+    # Outermost: the client address is settled before anything reads it.
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     return app

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.agents.agent import Agent, AgentResult
+from app.agents.agent import Agent
 from app.agents.pool import AgentPool
 from app.agents.spec import AgentSpec, load_agent_specs
 from app.agents.tools import ToolRegistry, builtin_registry
+from app.cache import ResponseCache, create_redis
 from app.config import Settings
 from app.llm.gateway import LLMGateway
 from app.observability.metrics import Metrics
+from app.security.jwt import JWTVerifier
+from app.security.ratelimit import RateLimiter
 from app.service import QueryService
 from app.storage import db
 from app.storage.sessions import SessionStore
@@ -38,6 +42,10 @@ class Runtime:
     gateway: LLMGateway
     pools: dict[str, AgentPool[Agent]]
     service: QueryService
+    cache: ResponseCache | None
+    limiter: RateLimiter
+    verifier: JWTVerifier
+    redis: Redis | None
     head_revision: str | None
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
@@ -47,6 +55,12 @@ class Runtime:
     async def aclose(self) -> None:
         for pool in self.pools.values():
             pool.close()
+        await self.verifier.aclose()
+        await self.limiter.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.gateway.aclose()
         await self.engine.dispose()
 
@@ -95,6 +109,15 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         await db.migrate(settings.database_url)
     engine = db.create_engine(settings)
     gateway = LLMGateway(settings, observer=metrics, on_breaker_change=metrics.on_breaker_change)
+    redis = create_redis(settings) if settings.redis_url else None
+    verifier = JWTVerifier(settings)
+    limiter = RateLimiter(
+        redis=redis,
+        redis_url=settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        socket_timeout=settings.redis_socket_timeout,
+        lease_seconds=2 * settings.request_timeout,
+    )
     try:
         for breaker in gateway.breakers:
             metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
@@ -102,17 +125,21 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         pools = build_pools(settings, specs, tools, gateway, metrics)
         store = SessionStore(engine, history_limit=settings.history_max_messages)
 
-        def on_turn_saved(agent: str, result: AgentResult) -> None:
-            metrics.turns.labels(agent).inc()
-            for step in result.steps:
-                metrics.tool_calls.labels(step.tool, "error" if step.is_error else "ok").inc()
-
+        cache = (
+            ResponseCache.from_settings(settings, redis=redis, observer=metrics)
+            if settings.cache_enabled
+            else None
+        )
         service = QueryService(
             store=store,
             specs=specs,
             pools=pools,
+            cache=cache,
             default_agent=settings.default_agent,
-            on_turn_saved=on_turn_saved,
+            default_model=settings.llm_model,
+            default_cache_ttl=settings.cache_ttl_seconds,
+            session_max_messages=settings.session_max_messages,
+            on_turn_saved=metrics.on_turn_saved,
         )
         return Runtime(
             settings=settings,
@@ -123,9 +150,17 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             gateway=gateway,
             pools=pools,
             service=service,
+            cache=cache,
+            limiter=limiter,
+            verifier=verifier,
+            redis=redis,
             head_revision=db.head_revision(),
         )
     except BaseException:
+        await verifier.aclose()
+        await limiter.aclose()
+        if redis is not None:
+            await redis.aclose()
         await gateway.aclose()
         await engine.dispose()
         raise

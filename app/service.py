@@ -1,26 +1,27 @@
 """QueryService: one turn of a conversation, with no HTTP types in sight.
 
-load session → lease an agent → run it → write the whole turn in one transaction.
-A database connection is held only while loading and while writing, never across the LLM
-call; the agent goes back to its pool before the write.
+load session → cache lookup → (miss) lease an agent and run it → write the whole turn in
+one transaction. A database connection is held only while loading and while writing,
+never across the LLM call; the agent goes back to its pool before the write. A cache hit
+still writes the turn, so the stored conversation is always complete.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from app.agents.agent import Agent, AgentResult, StepRecord, collect
 from app.agents.pool import AgentPool
 from app.agents.spec import AgentSpec
-from app.llm.types import Usage
+from app.cache import ResponseCache, cache_key
+from app.llm.types import Message, Usage
 from app.storage.sessions import SessionBusyError, SessionStore, StoredMessage, Turn
-
-logger = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -38,6 +39,10 @@ class AgentNotFoundError(ServiceError):
     code = "agent_not_found"
 
 
+class AgentForbiddenError(ServiceError):
+    code = "agent_forbidden"
+
+
 class SessionNotFoundError(ServiceError):
     code = "session_not_found"
 
@@ -46,8 +51,21 @@ class SessionBusy(ServiceError):  # noqa: N818 - named after its error code
     code = "session_busy"
 
 
+class SessionFullError(ServiceError):
+    code = "session_full"
+
+
 class AgentMismatchError(ServiceError):
     code = "agent_mismatch"
+
+
+@dataclass(slots=True, frozen=True)
+class CachePolicy:
+    """What the caller allows: `read` (no-cache turns it off), `write` (no-store), `ttl`."""
+
+    read: bool = True
+    write: bool = True
+    ttl: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,7 +75,9 @@ class QueryInput:
     agent: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
+    allowed_agents: frozenset[str] | None = None
     request_id: str | None = None
+    cache: CachePolicy = CachePolicy()
 
 
 @dataclass(slots=True)
@@ -73,6 +93,61 @@ class QueryOutput:
     latency_ms: float
 
 
+@dataclass(slots=True)
+class _Answer:
+    """What a turn produced, in the form that is cached and stored."""
+
+    answer: str
+    model: str
+    usage: Usage
+    steps: list[StepRecord]
+    finish_reason: str
+    messages: list[Message]
+    message_usage: list[Usage]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "answer": self.answer,
+                "model": self.model,
+                "usage": [self.usage.prompt_tokens, self.usage.completion_tokens],
+                "steps": [
+                    [s.tool, s.arguments, s.result, s.is_error, s.duration_ms] for s in self.steps
+                ],
+                "finish_reason": self.finish_reason,
+                "messages": self.messages,
+                "message_usage": [
+                    [u.prompt_tokens, u.completion_tokens] for u in self.message_usage
+                ],
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Answer:
+        data = orjson.loads(raw)
+        return cls(
+            answer=data["answer"],
+            model=data["model"],
+            usage=Usage(*data["usage"]),
+            steps=[StepRecord(*step) for step in data["steps"]],
+            finish_reason=data["finish_reason"],
+            messages=data["messages"],
+            message_usage=[Usage(*u) for u in data["message_usage"]],
+        )
+
+    @classmethod
+    def from_result(cls, result: AgentResult) -> _Answer:
+        return cls(
+            answer=result.answer,
+            model=result.model,
+            usage=result.usage,
+            steps=result.steps,
+            finish_reason=result.finish_reason,
+            messages=result.messages,
+            message_usage=result.message_usage,
+        )
+
+
 class QueryService:
     def __init__(
         self,
@@ -80,29 +155,39 @@ class QueryService:
         store: SessionStore,
         specs: dict[str, AgentSpec],
         pools: dict[str, AgentPool[Agent]],
+        cache: ResponseCache | None,
         default_agent: str,
-        on_turn_saved: Callable[[str, AgentResult], None] | None = None,
+        default_model: str,
+        default_cache_ttl: int,
+        session_max_messages: int,
+        on_turn_saved: Callable[[str, list[StepRecord], bool], None] | None = None,
     ) -> None:
         self._store = store
         self._specs = specs
         self._pools = pools
+        self._cache = cache
         self._default_agent = default_agent
+        self._default_cache_ttl = default_cache_ttl
+        self._session_max_messages = session_max_messages
+        self._fingerprints = {name: s.fingerprint(default_model) for name, s in specs.items()}
         self._busy: set[uuid.UUID] = set()
         self._on_turn_saved = on_turn_saved
 
-    def spec(self, name: str | None) -> AgentSpec:
+    def spec(self, name: str | None, allowed: frozenset[str] | None = None) -> AgentSpec:
         name = name or self._default_agent
         spec = self._specs.get(name)
         if spec is None:
             known = ", ".join(sorted(self._specs))
             raise AgentNotFoundError(f"unknown agent {name!r}; available agents: {known}")
+        if allowed is not None and name not in allowed:
+            raise AgentForbiddenError(f"this token may not use agent {name!r}")
         return spec
 
     async def answer(self, query: QueryInput) -> QueryOutput:
         started = time.perf_counter()
         if query.session_id is None:
-            spec = self.spec(query.agent)
-            session_id, history, expected, is_new = uuid.uuid4(), [], 0, True
+            spec = self.spec(query.agent, query.allowed_agents)
+            session_id, history, expected, digest, is_new = uuid.uuid4(), [], 0, "", True
         else:
             record = await self._store.load(query.session_id)
             if record is None or record.owner != query.owner:
@@ -112,31 +197,66 @@ class QueryService:
                     f"session {record.id} belongs to agent {record.agent!r}, "
                     f"not {query.agent!r}; omit `agent` to continue it"
                 )
-            spec = self.spec(record.agent)
+            spec = self.spec(record.agent, query.allowed_agents)
+            if record.message_count >= self._session_max_messages:
+                raise SessionFullError(
+                    f"session {record.id} holds {record.message_count} messages, the most "
+                    f"allowed is {self._session_max_messages}; start a new session"
+                )
             session_id, history = record.id, record.history
-            expected, is_new = record.message_count, False
+            expected, digest, is_new = record.message_count, record.history_digest, False
 
         if session_id in self._busy:
             raise self._busy_error(session_id)
         self._busy.add(session_id)
         try:
-            async with self._pools[spec.name].lease() as agent:
-                result = await collect(agent.run(history, query.message))
-            await self._save(query, spec, session_id, is_new, expected, result)
+            pool = self._pools[spec.name]
+
+            async def run_agent() -> bytes:
+                async with pool.lease() as agent:
+                    result = await collect(agent.run(history, query.message))
+                return _Answer.from_result(result).encode()
+
+            if self._cache is None:
+                raw, hit = await run_agent(), False
+            else:
+                key = cache_key(
+                    fingerprint=self._fingerprints[spec.name],
+                    history_digest=digest,
+                    message=query.message,
+                    scope=self._cache_scope(spec, query.owner),
+                )
+                raw, hit = await self._cache.get_or_compute(
+                    key,
+                    run_agent,
+                    ttl=query.cache.ttl or spec.cache_ttl or self._default_cache_ttl,
+                    read=query.cache.read,
+                    write=query.cache.write,
+                    session_id=str(session_id),
+                )
+            answer = _Answer.decode(raw)
+            await self._save(query, spec, session_id, is_new, expected, digest, answer, hit)
         finally:
             self._busy.discard(session_id)
 
         return QueryOutput(
-            answer=result.answer,
+            answer=answer.answer,
             session_id=session_id,
             agent=spec.name,
-            model=result.model,
-            usage=result.usage,
-            steps=result.steps,
-            finish_reason=result.finish_reason,
-            cached=False,
+            model=answer.model,
+            usage=Usage() if hit else answer.usage,
+            steps=answer.steps,
+            finish_reason=answer.finish_reason,
+            cached=hit,
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+
+    @staticmethod
+    def _cache_scope(spec: AgentSpec, owner: str | None) -> str:
+        """Per subject on /secure-query unless the agent is shared; anonymous callers share."""
+        if spec.cache_shared:
+            return "shared"
+        return "anon" if owner is None else f"sub:{owner}"
 
     async def _save(
         self,
@@ -145,19 +265,23 @@ class QueryService:
         session_id: uuid.UUID,
         is_new: bool,
         expected: int,
-        result: AgentResult,
+        digest: str,
+        answer: _Answer,
+        hit: bool,
     ) -> None:
         stored = [StoredMessage({"role": "user", "content": query.message})]
-        stored += [
-            StoredMessage(message, usage.prompt_tokens, usage.completion_tokens)
-            for message, usage in zip(result.messages, result.message_usage, strict=True)
-        ]
+        for message, usage in zip(answer.messages, answer.message_usage, strict=True):
+            if hit:  # no tokens were spent on this turn
+                stored.append(StoredMessage(message))
+            else:
+                stored.append(StoredMessage(message, usage.prompt_tokens, usage.completion_tokens))
         turn = Turn(
             session_id=session_id,
             agent=spec.name,
             owner=query.owner,
             is_new=is_new,
             expected_count=expected,
+            previous_digest=digest,
             messages=stored,
             request_id=query.request_id,
             metadata=query.metadata,
@@ -167,7 +291,16 @@ class QueryService:
         except SessionBusyError:
             raise self._busy_error(session_id) from None
         if self._on_turn_saved is not None:
-            self._on_turn_saved(spec.name, result)
+            self._on_turn_saved(spec.name, answer.steps, hit)
+
+    async def forget(self, session_id: uuid.UUID, owner: str) -> None:
+        """Erase a session, its messages and the cache entries its turns wrote."""
+        record = await self._store.load(session_id, with_history=False)
+        if record is None or record.owner != owner:
+            raise SessionNotFoundError(f"session {session_id} does not exist")
+        await self._store.delete(session_id)
+        if self._cache is not None:
+            await self._cache.forget_session(str(session_id))
 
     @staticmethod
     def _busy_error(session_id: uuid.UUID) -> SessionBusy:

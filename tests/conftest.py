@@ -115,6 +115,11 @@ def make_settings(**overrides: Any) -> Settings:
         "llm_backoff_max": 0.01,
         "llm_max_attempts": 2,
         "breaker_open_seconds": 0.5,
+        # tests fire bursts from one address; the limits tests set their own
+        "rate_limit_query": "100000/minute",
+        "rate_limit_secure_query": "100000/minute",
+        "concurrency_limit_query": 1000,
+        "concurrency_limit_secure_query": 1000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -23,6 +23,12 @@ class AgentSpec(BaseModel):
     tools: tuple[str, ...] = ()
     max_steps: int = Field(4, ge=1, le=32)
     pool_size: int = Field(8, ge=1, le=4096)
+    cache_ttl: int | None = Field(None, ge=1, description="Seconds; CACHE_TTL_SECONDS if unset.")
+    cache_shared: bool = Field(
+        False,
+        description="Share cached answers across JWT subjects (only for agents whose "
+        "answers reveal nothing about the asker).",
+    )
 
     def fingerprint(self, default_model: str) -> str:
         """Digest of everything in the spec that shapes an answer (cache keys use it)."""

@@ -14,13 +14,18 @@ from starlette.responses import Response
 
 from app.agents.pool import PoolExhaustedError
 from app.api.responses import JSON
+from app.api.schemas import ErrorResponse
 from app.llm.types import LLMError
+from app.security.jwt import AuthError
+from app.security.ratelimit import RateLimitExceeded, rate_limit_headers
 from app.service import ServiceError
 
 logger = logging.getLogger(__name__)
 
 SERVICE_STATUS = {
     "agent_not_found": 404,
+    "agent_forbidden": 403,
+    "session_full": 422,
     "session_not_found": 404,
     "session_busy": 409,
     "agent_mismatch": 422,
@@ -39,6 +44,18 @@ HTTP_CODES = {
     429: "rate_limited",
     503: "unavailable",
     504: "deadline_exceeded",
+}
+
+
+ERROR_SHAPE: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        401: "Missing or invalid bearer token",
+        403: "Token lacks the required scope",
+        404: "Not found (or not yours)",
+        422: "Invalid parameters",
+        429: "Too many requests",
+    }.items()
 }
 
 
@@ -130,6 +147,29 @@ async def _on_llm_error(_: Request, exc: Exception) -> Response:
     )
 
 
+async def _on_auth_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AuthError)
+    return error_response(
+        exc.status,
+        exc.error or "unauthorized",
+        exc.description,
+        headers={"WWW-Authenticate": exc.www_authenticate()},
+    )
+
+
+async def _on_rate_limited(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RateLimitExceeded)
+    request.app.state.metrics.rate_limited.labels(request.url.path, exc.kind).inc()
+    what = "requests" if exc.kind == "rate" else "concurrent requests"
+    return error_response(
+        429,
+        "rate_limited",
+        f"too many {what}; retry after {max(1, math.ceil(exc.retry_after))}s",
+        retry_after=exc.retry_after,
+        headers=rate_limit_headers(exc.state),
+    )
+
+
 async def _on_unexpected(_: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "an unexpected error occurred")
@@ -142,4 +182,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(PoolExhaustedError, _on_pool_exhausted)
     app.add_exception_handler(LLMError, _on_llm_error)
+    app.add_exception_handler(AuthError, _on_auth_error)
+    app.add_exception_handler(RateLimitExceeded, _on_rate_limited)
     app.add_exception_handler(Exception, _on_unexpected)

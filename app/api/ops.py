@@ -59,6 +59,12 @@ async def ready(runtime: RuntimeDep) -> Response:
             "status": "info" if state is BreakerState.CLOSED else "degraded",
             "detail": f"circuit {state.name.lower().replace('_', '-')}",
         }
+    if runtime.cache is not None:
+        cache = runtime.cache.status()
+        checks["cache"] = {
+            "status": "ok" if cache.get("state") == "ok" else "degraded",
+            "detail": f"{cache.get('backend')}: {cache.get('detail') or cache.get('state')}",
+        }
     if runtime.lifecycle.draining:
         checks["lifecycle"] = {"status": "fail", "detail": "shutting down"}
     is_ready = all(check["status"] != "fail" for check in checks.values())

@@ -1,4 +1,4 @@
-"""POST /query: one conversation turn with a pooled agent."""
+"""POST /query (anonymous) and POST /secure-query (JWT): one conversation turn."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ from typing import Annotated, Any
 
 import orjson
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Header
 from starlette.responses import Response
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import RuntimeDep
 from app.api.errors import APIError
 from app.api.responses import JSON
 from app.api.schemas import QUERY_EXAMPLES, ErrorResponse, QueryRequest, QueryResponse
+from app.api.security import ClientIPDep, PrincipalDep
 from app.config import Settings
-from app.service import QueryInput, QueryOutput, QueryService
+from app.runtime import Runtime
+from app.security.ratelimit import rate_limit_headers
+from app.service import CachePolicy, QueryInput, QueryOutput
 
 router = APIRouter(tags=["query"])
 
@@ -26,10 +29,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "The session is answering another request",
         413: "Body too large",
         422: "Invalid body",
+        429: "Too many requests (see Retry-After and RateLimit-* headers)",
         503: "No agent free in time, or no LLM upstream can answer (see Retry-After)",
         504: "The request deadline was reached",
     }.items()
 }
+SECURE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {"model": ErrorResponse, "description": "Missing or invalid bearer token"},
+    403: {"model": ErrorResponse, "description": "Token lacks the scope or the agent"},
+}
+
+CacheControl = Annotated[
+    str | None,
+    Header(description="`no-cache` skips the cache lookup, `no-store` skips storing."),
+]
 
 
 def validate_limits(body: QueryRequest, settings: Settings) -> None:
@@ -46,6 +60,16 @@ def validate_limits(body: QueryRequest, settings: Settings) -> None:
             "validation_error",
             f"metadata: at most {settings.max_metadata_bytes} bytes of JSON are allowed",
         )
+
+
+def cache_policy(body: QueryRequest, cache_control: str | None) -> CachePolicy:
+    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+    options = body.cache
+    return CachePolicy(
+        read="no-cache" not in directives and not (options and options.no_cache),
+        write="no-store" not in directives and not (options and options.no_store),
+        ttl=options.ttl if options else None,
+    )
 
 
 def render(output: QueryOutput, request_id: str) -> dict[str, Any]:
@@ -78,9 +102,20 @@ def render(output: QueryOutput, request_id: str) -> dict[str, Any]:
 
 
 async def run_query(
-    service: QueryService, settings: Settings, body: QueryRequest, owner: str | None
+    runtime: Runtime,
+    body: QueryRequest,
+    cache_control: str | None,
+    *,
+    scope: str,
+    identity: str,
+    rate: str,
+    max_in_flight: int,
+    owner: str | None = None,
+    allowed_agents: frozenset[str] | None = None,
 ) -> Response:
+    settings = runtime.settings
     validate_limits(body, settings)
+    limit_state = await runtime.limiter.hit(scope, identity, rate)
     request_id = correlation_id.get() or "-"
     query = QueryInput(
         message=body.message,
@@ -88,20 +123,26 @@ async def run_query(
         agent=body.agent,
         metadata=body.metadata or {},
         owner=owner,
+        allowed_agents=allowed_agents,
         request_id=request_id,
+        cache=cache_policy(body, cache_control),
     )
-    try:
-        async with asyncio.timeout(settings.request_timeout) as deadline:
-            output = await service.answer(query)
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise APIError(
-            504,
-            "deadline_exceeded",
-            f"the request did not finish within {settings.request_timeout:g}s; nothing was stored",
-        ) from None
-    return JSON(render(output, request_id))
+    async with runtime.limiter.concurrency(scope, identity, max_in_flight):
+        try:
+            async with asyncio.timeout(settings.request_timeout) as deadline:
+                output = await runtime.service.answer(query)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise APIError(
+                504,
+                "deadline_exceeded",
+                f"the request did not finish within {settings.request_timeout:g}s; nothing "
+                "was stored",
+            ) from None
+    headers = rate_limit_headers(limit_state)
+    headers["X-Cache"] = "HIT" if output.cached else "MISS"
+    return JSON(render(output, request_id), headers=headers)
 
 
 @router.post(
@@ -112,9 +153,50 @@ async def run_query(
 )
 async def query(
     body: Annotated[QueryRequest, Body(openapi_examples=QUERY_EXAMPLES)],
-    service: ServiceDep,
-    settings: SettingsDep,
+    runtime: RuntimeDep,
+    ip: ClientIPDep,
+    cache_control: CacheControl = None,
 ) -> Response:
     """Send a message to an agent. Omit `session_id` to start a conversation; pass the
-    returned `session_id` to continue it."""
-    return await run_query(service, settings, body, owner=None)
+    returned `session_id` to continue it. Limited per client IP."""
+    settings = runtime.settings
+    return await run_query(
+        runtime,
+        body,
+        cache_control,
+        scope="query",
+        identity=ip,
+        rate=settings.rate_limit_query,
+        max_in_flight=settings.concurrency_limit_query,
+    )
+
+
+secure_router = APIRouter(tags=["query"])
+
+
+@secure_router.post(
+    "/secure-query",
+    response_model=QueryResponse,
+    responses=SECURE_ERROR_RESPONSES,
+    summary="Ask an agent as the token's subject",
+)
+async def secure_query(
+    body: Annotated[QueryRequest, Body(openapi_examples=QUERY_EXAMPLES)],
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
+    cache_control: CacheControl = None,
+) -> Response:
+    """Same body as /query. Sessions started here belong to the token's `sub`: nobody else
+    (and no anonymous /query) can read or continue them. Limited per subject."""
+    settings = runtime.settings
+    return await run_query(
+        runtime,
+        body,
+        cache_control,
+        scope="secure-query",
+        identity=principal.subject,
+        rate=settings.rate_limit_secure_query,
+        max_in_flight=settings.concurrency_limit_secure_query,
+        owner=principal.subject,
+        allowed_agents=principal.agents,
+    )

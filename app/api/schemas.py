@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
@@ -16,11 +17,28 @@ QUERY_EXAMPLES = {
         "summary": "Ask the tools agent to compute",
         "value": {"message": "What is (12 + 30) * 2?", "agent": "tools"},
     },
+    "skip the cache": {
+        "summary": "Force a fresh answer and do not cache it",
+        "value": {
+            "message": "Tell me something new.",
+            "cache": {"no_cache": True, "no_store": True},
+        },
+    },
     "with metadata": {
         "summary": "Tag the session with metadata",
         "value": {"message": "Summarise our plan.", "metadata": {"ticket": "OPS-42"}},
     },
 }
+
+
+class CacheOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    no_cache: bool = Field(False, description="Do not answer from the cache (still stores).")
+    no_store: bool = Field(False, description="Do not store this answer in the cache.")
+    ttl: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600, description="Seconds to keep this answer cached."
+    )
 
 
 class QueryRequest(BaseModel):
@@ -37,6 +55,9 @@ class QueryRequest(BaseModel):
     )
     metadata: dict[str, JsonValue] | None = Field(
         None, description="Stored with a new session (ignored when continuing one)."
+    )
+    cache: CacheOptions | None = Field(
+        None, description="Per-request cache control (also: Cache-Control: no-cache/no-store)."
     )
 
     @field_validator("message")
@@ -94,6 +115,42 @@ class CheckOut(BaseModel):
 class ReadyResponse(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, CheckOut]
+
+
+class SessionOut(BaseModel):
+    id: uuid.UUID
+    agent: str
+    message_count: int
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class SessionPage(BaseModel):
+    sessions: list[SessionOut]
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class MessageOut(BaseModel):
+    seq: int
+    role: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    name: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str | None
+    created_at: datetime
+
+
+class SessionDetail(SessionOut):
+    messages: list[MessageOut]
+    limit: int
+    offset: int
+    next_offset: int | None
 
 
 class AgentOut(BaseModel):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.llm.breaker import BreakerState
 from app.llm.types import Usage
+
+
+class StepLike(Protocol):
+    tool: str
+    is_error: bool
 
 
 class PoolStats(Protocol):
@@ -96,12 +101,54 @@ class Metrics:
             ["agent"],
             registry=registry,
         )
+        self.cache_lookups = Counter(
+            "agentserve_cache_lookups_total",
+            "Response cache lookups by result (hit or miss).",
+            ["result"],
+            registry=registry,
+        )
+        self._cache_hits = self.cache_lookups.labels("hit")
+        self._cache_misses = self.cache_lookups.labels("miss")
+        self.cache_errors = Counter(
+            "agentserve_cache_errors_total",
+            "Response cache backend errors by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.cache_degraded = Gauge(
+            "agentserve_cache_degraded",
+            "1 while the cache backend is skipped (breaker open or half-open), else 0.",
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "agentserve_rate_limited_total",
+            "Requests refused with 429, by route and kind (rate or concurrency).",
+            ["route", "kind"],
+            registry=registry,
+        )
         self.tool_calls = Counter(
             "agentserve_tool_calls_total",
             "Tool calls by tool and outcome (ok or error).",
             ["tool", "outcome"],
             registry=registry,
         )
+
+    # --- turns, cache, limits -------------------------------------------------------------
+    def on_turn_saved(self, agent: str, steps: Sequence[StepLike], cached: bool) -> None:
+        self.turns.labels(agent).inc()
+        if cached:  # the tools ran when the entry was made, not now
+            return
+        for step in steps:
+            self.tool_calls.labels(step.tool, "error" if step.is_error else "ok").inc()
+
+    def on_lookup(self, hit: bool) -> None:
+        (self._cache_hits if hit else self._cache_misses).inc()
+
+    def on_error(self, operation: str) -> None:
+        self.cache_errors.labels(operation).inc()
+
+    def on_state(self, state: str) -> None:
+        self.cache_degraded.set(0 if state == "ok" else 1)
 
     # --- LLMObserver ----------------------------------------------------------------------
     def on_attempt(self, upstream: str, model: str, outcome: str, duration: float) -> None:

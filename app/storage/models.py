@@ -38,12 +38,15 @@ class Base(DeclarativeBase):
 
 class ChatSession(Base):
     __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_owner_updated_at", "owner", "updated_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    owner: Mapped[str | None] = mapped_column(String(255), index=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
     agent: Mapped[str] = mapped_column(String(64))
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     """Also the optimistic-concurrency version: a turn commits only if it is unchanged."""
+    history_digest: Mapped[str] = mapped_column(String(64), default="")
+    """sha256 chained over every turn: names the whole conversation (cache keys use it)."""
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -7,12 +7,14 @@ an agent waits for the LLM.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,12 +30,28 @@ class SessionBusyError(Exception):
     """Another turn was written to the session since this one loaded it."""
 
 
+def next_history_digest(previous: str, messages: Sequence[Message]) -> str:
+    """Chain the turn's messages onto the digest of everything before them.
+
+    The digest names the whole conversation without reading it back, so two sessions share
+    a digest only if every message they ever held is the same.
+    """
+    canonical = orjson.dumps(
+        [
+            [m.get("role"), m.get("content"), m.get("tool_calls"), m.get("tool_call_id")]
+            for m in messages
+        ]
+    )
+    return hashlib.sha256(previous.encode() + b"\n" + canonical).hexdigest()
+
+
 @dataclass(slots=True)
 class SessionRecord:
     id: uuid.UUID
     owner: str | None
     agent: str
     message_count: int
+    history_digest: str
     metadata: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -56,6 +74,7 @@ class Turn:
     owner: str | None
     is_new: bool
     expected_count: int
+    previous_digest: str
     messages: Sequence[StoredMessage]
     request_id: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -85,7 +104,9 @@ class SessionStore:
         self._engine = engine
         self._history_limit = history_limit
 
-    async def load(self, session_id: uuid.UUID) -> SessionRecord | None:
+    async def load(
+        self, session_id: uuid.UUID, *, with_history: bool = True
+    ) -> SessionRecord | None:
         """The session and its last `history_limit` messages (by index, oldest first)."""
         async with self._engine.connect() as conn:
             row = (
@@ -94,24 +115,29 @@ class SessionStore:
             if row is None:
                 return None
             recent = (
-                await conn.execute(
-                    select(
-                        _messages.c.role,
-                        _messages.c.content,
-                        _messages.c.tool_calls,
-                        _messages.c.tool_call_id,
-                        _messages.c.name,
+                []
+                if not with_history
+                else (
+                    await conn.execute(
+                        select(
+                            _messages.c.role,
+                            _messages.c.content,
+                            _messages.c.tool_calls,
+                            _messages.c.tool_call_id,
+                            _messages.c.name,
+                        )
+                        .where(_messages.c.session_id == session_id)
+                        .order_by(_messages.c.seq.desc())
+                        .limit(self._history_limit)
                     )
-                    .where(_messages.c.session_id == session_id)
-                    .order_by(_messages.c.seq.desc())
-                    .limit(self._history_limit)
-                )
-            ).all()
+                ).all()
+            )
         return SessionRecord(
             id=row.id,
             owner=row.owner,
             agent=row.agent,
             message_count=row.message_count,
+            history_digest=row.history_digest,
             metadata=row.metadata or {},
             created_at=row.created_at,
             updated_at=row.updated_at,
@@ -139,6 +165,7 @@ class SessionStore:
             for offset, stored in enumerate(turn.messages)
         ]
         new_count = turn.expected_count + len(rows)
+        digest = next_history_digest(turn.previous_digest, [s.message for s in turn.messages])
         try:
             async with self._engine.begin() as conn:
                 if turn.is_new:
@@ -148,6 +175,7 @@ class SessionStore:
                             owner=turn.owner,
                             agent=turn.agent,
                             message_count=new_count,
+                            history_digest=digest,
                             metadata=turn.metadata,
                             created_at=now,
                             updated_at=now,
@@ -160,13 +188,57 @@ class SessionStore:
                             _sessions.c.id == turn.session_id,
                             _sessions.c.message_count == turn.expected_count,
                         )
-                        .values(message_count=new_count, updated_at=now)
+                        .values(message_count=new_count, history_digest=digest, updated_at=now)
                     )
                     if result.rowcount != 1:
                         raise SessionBusyError(str(turn.session_id))
                 await conn.execute(insert(_messages), rows)
         except IntegrityError as exc:  # a concurrent writer took the same seq numbers
             raise SessionBusyError(str(turn.session_id)) from exc
+
+    async def list_sessions(self, owner: str, *, limit: int, offset: int) -> list[dict[str, Any]]:
+        """The owner's sessions, most recently active first (index: owner, updated_at)."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    _sessions.c.id,
+                    _sessions.c.agent,
+                    _sessions.c.message_count,
+                    _sessions.c.metadata,
+                    _sessions.c.created_at,
+                    _sessions.c.updated_at,
+                )
+                .where(_sessions.c.owner == owner)
+                .order_by(_sessions.c.updated_at.desc(), _sessions.c.id)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [dict(row._mapping) for row in result]
+
+    async def messages(
+        self, session_id: uuid.UUID, *, limit: int, offset: int
+    ) -> list[dict[str, Any]]:
+        """Stored messages in conversation order, with their bookkeeping columns."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    _messages.c.seq,
+                    _messages.c.role,
+                    _messages.c.content,
+                    _messages.c.tool_calls,
+                    _messages.c.tool_call_id,
+                    _messages.c.name,
+                    _messages.c.prompt_tokens,
+                    _messages.c.completion_tokens,
+                    _messages.c.request_id,
+                    _messages.c.created_at,
+                )
+                .where(_messages.c.session_id == session_id)
+                .order_by(_messages.c.seq)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [dict(row._mapping) for row in result]
 
     async def count_messages(self, session_id: uuid.UUID) -> int:
         async with self._engine.connect() as conn:

@@ -25,12 +25,15 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(length=255), nullable=True),
         sa.Column("agent", sa.String(length=64), nullable=False),
         sa.Column("message_count", sa.Integer(), nullable=False),
+        sa.Column("history_digest", sa.String(length=64), nullable=False),
         sa.Column("metadata", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sessions")),
     )
-    op.create_index(op.f("ix_sessions_owner"), "sessions", ["owner"], unique=False)
+    op.create_index(
+        "ix_sessions_owner_updated_at", "sessions", ["owner", "updated_at"], unique=False
+    )
     op.create_table(
         "messages",
         sa.Column("id", BigId, autoincrement=True, nullable=False),
@@ -61,5 +64,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("uq_messages_session_id_seq", table_name="messages")
     op.drop_table("messages")
-    op.drop_index(op.f("ix_sessions_owner"), table_name="sessions")
+    op.drop_index("ix_sessions_owner_updated_at", table_name="sessions")
     op.drop_table("sessions")

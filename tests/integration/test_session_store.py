@@ -20,7 +20,9 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-def turn(session_id: uuid.UUID, expected: int, *texts: str, is_new: bool = False) -> Turn:
+def turn(
+    session_id: uuid.UUID, expected: int, *texts: str, is_new: bool = False, previous: str = ""
+) -> Turn:
     messages = [
         StoredMessage({"role": "user" if i % 2 == 0 else "assistant", "content": text})
         for i, text in enumerate(texts)
@@ -31,6 +33,7 @@ def turn(session_id: uuid.UUID, expected: int, *texts: str, is_new: bool = False
         owner=None,
         is_new=is_new,
         expected_count=expected,
+        previous_digest=previous,
         messages=messages,
         request_id="req",
     )
@@ -89,6 +92,7 @@ async def test_tool_messages_round_trip(engine: AsyncEngine) -> None:
             owner=None,
             is_new=True,
             expected_count=0,
+            previous_digest="",
             messages=[
                 StoredMessage({"role": "user", "content": "1+1?"}),
                 StoredMessage({"role": "assistant", "content": None, "tool_calls": [call]}, 10, 5),
@@ -118,3 +122,24 @@ async def test_delete_removes_session_and_messages(engine: AsyncEngine) -> None:
     assert await store.load(sid) is None
     assert await store.count_messages(sid) == 0
     assert await store.delete(sid) is False
+
+
+async def test_history_digest_names_the_whole_conversation(engine: AsyncEngine) -> None:
+    store = SessionStore(engine, history_limit=2)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for sid, first in ((a, "same"), (b, "same"), (c, "different")):
+        await store.save_turn(turn(sid, 0, first, "answer", is_new=True))
+    ra, rb, rc = [await store.load(sid) for sid in (a, b, c)]
+    assert ra is not None
+    assert rb is not None
+    assert rc is not None
+    assert ra.history_digest == rb.history_digest != rc.history_digest
+    assert ra.history_digest != ""
+    # b and c continue with identical turns: the recent window is the same, the digest is not
+    await store.save_turn(turn(b, 2, "q", "a", previous=rb.history_digest))
+    await store.save_turn(turn(c, 2, "q", "a", previous=rc.history_digest))
+    rb2, rc2 = await store.load(b), await store.load(c)
+    assert rb2 is not None
+    assert rc2 is not None
+    assert rb2.history == rc2.history
+    assert rb2.history_digest != rc2.history_digest

@@ -1,0 +1,700 @@
+"""Response cache: Redis when configured, else a bounded in-process LRU with per-entry TTLs.
+
+Values are opaque bytes (the service encodes its answer with orjson). The cache is an
+optimisation and never a dependency: every public method swallows its own errors (they are
+logged, counted through the observer and fed to a circuit breaker), so a slow or dead Redis
+costs a request at most about one socket timeout and, once the breaker is open, nothing.
+
+Redis keys (``P`` is ``key_prefix``)::
+
+    P cache:<key>            the value, SET ... PX <ttl>
+    P cache-session:<sid>    a SET of the <key>s written for a session (erasure index); its
+                             expiry is raised to the longest TTL written into it
+    P lock:<key>             cross-replica single-flight lock, SET NX PX, deleted by
+                             compare-and-delete
+
+The session index uses ``PEXPIRE ... NX`` / ``PEXPIRE ... GT``, which need Redis >= 7.0.
+
+Single flight. ``get_or_compute`` runs one ``compute()`` per key at a time in this process:
+the first caller to miss starts a *flight* (an asyncio task running compute and storing the
+value); callers that arrive while it runs await the same task. Waiters hold a reference
+count: the task survives the cancellation of the caller that started it as long as anyone
+still waits, and is cancelled when the last waiter goes away (so abandoned work does not
+keep running). Followers report ``hit=True``: they did not call upstream themselves. With
+the Redis backend the flight also takes a short lock so that replicas do not compute the
+same answer concurrently; a replica that finds the lock taken polls for the value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import secrets
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, cast
+
+import orjson
+from cachetools import TLRUCache
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.config import Settings
+from app.llm.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.llm.types import CallNotPermittedError, Message
+
+__all__ = [
+    "KEY_VERSION",
+    "CacheObserver",
+    "ResponseCache",
+    "cache_key",
+    "create_cache_breaker",
+    "create_redis",
+    "history_digest",
+    "normalize_message",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEY_VERSION = "agentserve-cache-v1"
+"""Part of every key: bump it when the key derivation or the value encoding changes."""
+
+HEALTH_CHECK_INTERVAL = 5
+"""Seconds a pooled Redis connection may idle before it is PINGed ahead of its next use."""
+
+POLL_INTERVAL = (0.025, 0.05)
+"""Seconds between polls (uniformly random in this range) while another replica computes."""
+
+_HISTORY_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+_UNLOCK_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+_FORGET_BATCH = 512
+
+
+# ---------------------------------------------------------------------------------------
+# Keys
+
+
+def normalize_message(text: str) -> str:
+    """NFC, strip, and collapse every run of whitespace to one space; case is kept."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def history_digest(history: Sequence[Message]) -> str:
+    """sha256 hex of the canonical JSON of the answer-shaping fields of each message, in order.
+
+    Only role, content, tool_calls, tool_call_id and name count; a missing field and an
+    explicit ``None`` are the same. Content is hashed exactly as stored (not normalized).
+    """
+    canonical = [{field: message.get(field) for field in _HISTORY_FIELDS} for message in history]
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _check_scope(scope: str) -> None:
+    if scope in ("anon", "shared") or (scope.startswith("sub:") and len(scope) > len("sub:")):
+        return
+    raise ValueError(f"cache scope must be 'anon', 'shared' or 'sub:<subject>', got {scope!r}")
+
+
+def cache_key(
+    *,
+    fingerprint: str,
+    message: str,
+    scope: str,
+    history: Sequence[Message] | None = None,
+    history_digest: str | None = None,
+) -> str:
+    """sha256 hex naming one cacheable answer.
+
+    The conversation so far is given either as `history` (digested with `history_digest()`)
+    or as a precomputed `history_digest` (e.g. the chained digest the session store keeps);
+    exactly one of the two. A caller must stick to one form: the two never produce the same
+    key. The fields are framed as a JSON array (with a version tag), so no two different
+    field tuples can serialize to the same bytes.
+    """
+    _check_scope(scope)
+    if (history is None) == (history_digest is None):
+        raise TypeError("cache_key() needs exactly one of `history` and `history_digest`")
+    digest = _history_digest(history) if history is not None else history_digest
+    framed = orjson.dumps([KEY_VERSION, fingerprint, digest, normalize_message(message), scope])
+    return hashlib.sha256(framed).hexdigest()
+
+
+_history_digest = history_digest  # `cache_key` has a parameter of that name
+
+
+# ---------------------------------------------------------------------------------------
+# Wiring helpers
+
+
+class CacheObserver(Protocol):
+    """Metrics hooks (the app implements them with Prometheus)."""
+
+    def on_lookup(self, hit: bool) -> None: ...
+
+    def on_error(self, operation: str) -> None: ...
+
+    def on_state(self, state: str) -> None:
+        """``"ok"`` or ``"degraded"`` (breaker open or half-open)."""
+        ...
+
+
+def create_redis(settings: Settings) -> Redis:
+    """The shared Redis client: fail fast, never retry, bounded pool.
+
+    socket (connect) timeout = ``redis_socket_timeout``, ``Retry(NoBackoff(), 0)``. The pool
+    is a BlockingConnectionPool of ``redis_max_connections`` that waits at most the socket
+    timeout for a free connection: the plain pool raises "Too many connections" at once
+    under a burst, which the cache's breaker would mistake for an outage.
+    The caller owns the client and closes it (``await client.aclose()`` closes the pool).
+    """
+    if not settings.redis_url:
+        raise ValueError("REDIS_URL is not set")
+    timeout = settings.redis_socket_timeout
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+    )
+    return Redis.from_pool(pool)
+
+
+def create_cache_breaker(
+    *, open_seconds: float = 5.0, slow_call_seconds: float = 0.1
+) -> CircuitBreaker:
+    """The cache's breaker: last 10 calls, at least 5, opens at 50 % failures (or when every
+    call in the window took ``slow_call_seconds`` or more); 2 half-open probes."""
+    return CircuitBreaker(
+        "redis-cache",
+        BreakerConfig(
+            failure_rate_threshold=50.0,
+            slow_call_rate_threshold=100.0,
+            slow_call_duration_threshold=slow_call_seconds,
+            sliding_window_size=10,
+            minimum_number_of_calls=5,
+            wait_duration_in_open_state=open_seconds,
+            permitted_number_of_calls_in_half_open_state=2,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+
+
+class _Entry(NamedTuple):
+    value: bytes
+    ttl: float
+
+
+@dataclass(slots=True)
+class _SessionIndex:
+    keys: set[str]
+    expires_at: float
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    key: str
+    task: asyncio.Task[tuple[bytes, bool]]
+    waiters: int = 0
+
+
+class _UnavailableError(Exception):
+    """Internal: a Redis operation was skipped (breaker open) or failed (already counted)."""
+
+
+def _entry_expiry(_key: str, entry: _Entry, now: float) -> float:
+    return now + entry.ttl
+
+
+def _index_expiry(_key: str, index: _SessionIndex, _now: float) -> float:
+    return index.expires_at
+
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+)
+"""Errors that say Redis is unreachable or slow: they count against the breaker. Any other
+error (e.g. a ResponseError) is counted through the observer but gives the permit back."""
+
+
+class ResponseCache:
+    """See the module docstring. Use from one event loop only."""
+
+    backend: Literal["redis", "memory"]
+
+    def __init__(
+        self,
+        *,
+        redis: Redis | None,
+        key_prefix: str,
+        max_entries: int,
+        lock_seconds: float,
+        socket_timeout: float,
+        breaker: CircuitBreaker | None = None,
+        observer: CacheObserver | None = None,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
+        if not lock_seconds > 0 or not socket_timeout > 0:
+            raise ValueError("lock_seconds and socket_timeout must be > 0")
+        self._redis = redis
+        self._prefix = key_prefix
+        self._max_entries = max_entries
+        self._lock_seconds = lock_seconds
+        self._socket_timeout = socket_timeout
+        self._op_timeout = socket_timeout * 2
+        self._observer = observer
+        self._flights: dict[str, _Flight] = {}
+        self._timer = time.monotonic
+        self._memory: TLRUCache[str, _Entry] = TLRUCache(
+            maxsize=max_entries, ttu=_entry_expiry, timer=self._timer
+        )
+        self._memory_sessions: TLRUCache[str, _SessionIndex] = TLRUCache(
+            maxsize=max_entries, ttu=_index_expiry, timer=self._timer
+        )
+        self._breaker: CircuitBreaker | None
+        if redis is None:
+            self.backend = "memory"
+            self._breaker = None
+        else:
+            if redis.connection_pool.connection_kwargs.get("decode_responses"):
+                raise ValueError("the cache needs a Redis client with decode_responses=False")
+            self.backend = "redis"
+            self._breaker = (
+                breaker
+                if breaker is not None
+                else create_cache_breaker(slow_call_seconds=socket_timeout)
+            )
+        self._state = self._breaker_state()
+        self._notify("on_state", self._state)  # initializes the observer's gauge
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, redis: Redis | None, observer: CacheObserver | None = None
+    ) -> ResponseCache:
+        """Wire a cache from Settings (the Redis client comes from `create_redis`)."""
+        return cls(
+            redis=redis,
+            key_prefix=settings.redis_key_prefix,
+            max_entries=settings.cache_max_entries,
+            lock_seconds=settings.cache_lock_seconds,
+            socket_timeout=settings.redis_socket_timeout,
+            breaker=create_cache_breaker(
+                open_seconds=settings.cache_breaker_open_seconds,
+                slow_call_seconds=settings.redis_socket_timeout,
+            ),
+            observer=observer,
+        )
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Keys being computed by this process right now."""
+        return len(self._flights)
+
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None on a miss, an error, or while the breaker is open. Never raises."""
+        value, _ = await self._lookup(key)
+        self._notify("on_lookup", value is not None)
+        return value
+
+    async def set(
+        self, key: str, value: bytes, ttl: float, *, session_id: str | None = None
+    ) -> None:
+        """Store `value` for `ttl` seconds (ignored unless > 0), and index it under the
+        session so `forget_session` can erase it. Never raises."""
+        if not ttl > 0:
+            return
+        redis = self._redis
+        if redis is None:
+            self._memory_set(key, value, ttl, session_id)
+            return
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        value_key = self._value_key(key)
+
+        async def store(client: Redis) -> None:
+            if session_id is None:
+                await client.set(value_key, value, px=ttl_ms)
+                return
+            index_key = self._session_key(session_id)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(value_key, value, px=ttl_ms)
+                pipe.sadd(index_key, key)
+                pipe.pexpire(index_key, ttl_ms, nx=True)  # a new index: give it an expiry
+                pipe.pexpire(index_key, ttl_ms, gt=True)  # else only ever lengthen it
+                await pipe.execute()
+
+        with contextlib.suppress(_UnavailableError):
+            await self._call("set", store)
+
+    async def forget_session(self, session_id: str) -> int:
+        """Delete every entry indexed under the session, and the index; return how many
+        entries were deleted. Best effort: on error (or with the breaker open) 0, counted.
+
+        With the memory backend only this process's entries exist, so only they go.
+        """
+        if self._redis is None:
+            index = self._memory_sessions.pop(session_id, None)
+            if index is None:
+                return 0
+            return sum(self._memory.pop(key, None) is not None for key in index.keys)
+        index_key = self._session_key(session_id)
+
+        async def members(client: Redis) -> list[bytes]:
+            found = cast("set[bytes]", await client.smembers(index_key))
+            return sorted(found)
+
+        async def erase(client: Redis, batch: list[bytes]) -> int:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.unlink(*(self._value_key(member.decode()) for member in batch))
+                pipe.srem(index_key, *batch)  # an emptied set disappears by itself
+                deleted, _ = await pipe.execute()
+            return int(deleted)
+
+        # SREM rather than DEL of the index: a key indexed concurrently stays indexed, and
+        # after a failure half-way the rest is still there for the next attempt.
+        deleted = 0
+        try:
+            found = await self._call("forget_session", members)
+            for start in range(0, len(found), _FORGET_BATCH):
+                batch = found[start : start + _FORGET_BATCH]
+                deleted += await self._call("forget_session", partial(erase, batch=batch))
+        except _UnavailableError:
+            logger.warning("cache: could not erase the entries of a session (best effort)")
+            return 0
+        return deleted
+
+    async def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[bytes]],
+        *,
+        ttl: float,
+        read: bool = True,
+        write: bool = True,
+        session_id: str | None = None,
+    ) -> tuple[bytes, bool]:
+        """Return ``(value, hit)``: the cached value, else the one `compute()` returns.
+
+        * ``read=False`` (Cache-Control: no-cache): no lookup and no joining of a flight;
+          computes privately and still stores the value when ``write``.
+        * ``write=False`` (no-store): may use a cached value or join a flight, but its own
+          result is computed privately (never shared with concurrent callers) and not stored.
+        * Otherwise single flight (see the module docstring); followers get ``hit=True``.
+          An exception from compute reaches every waiter and nothing is stored. When the
+          lookup just failed, the cross-replica lock is skipped (Redis is likely down: do
+          not spend another socket timeout on it).
+
+        The observer sees one lookup per call with ``read=True``, with the returned `hit`
+        (a miss if compute raised).
+        """
+        hit = False
+        redis_ok = True
+        try:
+            if read:
+                flight = self._live_flight(key)
+                if flight is None:
+                    cached, redis_ok = await self._lookup(key)
+                    if cached is not None:
+                        hit = True
+                        return cached, True
+                    flight = self._live_flight(key)  # started while we were looking
+                if flight is not None:
+                    value, _ = await self._follow(flight)
+                    hit = True
+                    return value, True
+            if not (read and write):
+                value = await compute()
+                if write:
+                    await self.set(key, value, ttl, session_id=session_id)
+                return value, False
+            flight = self._start_flight(key, compute, ttl, session_id, lock=redis_ok)
+            value, hit = await self._follow(flight)
+            return value, hit
+        finally:
+            if read:
+                self._notify("on_lookup", hit)
+
+    def status(self) -> dict[str, object]:
+        """For /ready: backend, "ok" or "degraded", and a human-readable detail."""
+        if self._breaker is None:
+            detail = f"in-process LRU, {self._memory.currsize} of {self._max_entries} entries"
+            return {"backend": self.backend, "state": "ok", "detail": detail}
+        state = self._breaker.state
+        if state is BreakerState.CLOSED:
+            detail = "redis in use"
+        elif state is BreakerState.OPEN:
+            detail = (
+                "redis failing: circuit open, caching skipped; next probe in "
+                f"{self._breaker.retry_after():.1f}s"
+            )
+        else:
+            detail = "redis recovering: circuit half-open, probing"
+        return {"backend": self.backend, "state": self._breaker_state(), "detail": detail}
+
+    async def aclose(self) -> None:
+        """Cancel flights still running and drop in-process entries. The Redis client is
+        shared and owned by the app: it is not closed here."""
+        tasks = [flight.task for flight in self._flights.values()]
+        self._flights.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._memory.clear()
+        self._memory_sessions.clear()
+
+    # -- single flight ----------------------------------------------------------------------
+
+    def _live_flight(self, key: str) -> _Flight | None:
+        flight = self._flights.get(key)
+        if flight is None or flight.task.done():
+            return None
+        return flight
+
+    def _start_flight(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[bytes]],
+        ttl: float,
+        session_id: str | None,
+        *,
+        lock: bool,
+    ) -> _Flight:
+        task = asyncio.create_task(
+            self._lead(key, compute, ttl, session_id, lock=lock), name=f"cache-flight:{key[:16]}"
+        )
+        flight = _Flight(key, task)
+        self._flights[key] = flight
+        task.add_done_callback(lambda done: self._flight_done(flight, done))
+        return flight
+
+    def _flight_done(self, flight: _Flight, task: asyncio.Task[tuple[bytes, bool]]) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters got it, or nobody is left to care
+
+    async def _follow(self, flight: _Flight) -> tuple[bytes, bool]:
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():
+                # Nobody waits any more: stop the work, and let the next caller start afresh
+                # rather than join a flight that is being cancelled.
+                flight.task.cancel()
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
+
+    async def _lead(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[bytes]],
+        ttl: float,
+        session_id: str | None,
+        *,
+        lock: bool,
+    ) -> tuple[bytes, bool]:
+        token: str | None = None
+        if lock and self._redis is not None:
+            found, token = await self._lock_or_wait(key)
+            if found is not None:
+                return found, True
+        try:
+            value = await compute()
+            await self.set(key, value, ttl, session_id=session_id)  # before the lock goes
+            return value, False
+        finally:
+            if token is not None:
+                await self._unlock(key, token)
+
+    async def _lock_or_wait(self, key: str) -> tuple[bytes | None, str | None]:
+        """Cross-replica part of a flight: ``(value, None)`` when another replica supplied the
+        value, ``(None, token)`` when we hold the lock, ``(None, None)`` to compute unlocked
+        (wait timed out, or Redis failed)."""
+        token = secrets.token_hex(16)
+        lock_key = self._lock_key(key)
+        value_key = self._value_key(key)
+        lock_ms = max(1, math.ceil(self._lock_seconds * 1000))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lock_seconds
+
+        async def lock_and_peek(client: Redis) -> tuple[bool, bytes | None]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(lock_key, token, nx=True, px=lock_ms)
+                pipe.get(value_key)  # closes the race with a replica that just finished
+                acquired, value = await pipe.execute()
+            return bool(acquired), value
+
+        async def peek(client: Redis) -> tuple[bytes | None, bool]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.get(value_key)
+                pipe.exists(lock_key)
+                value, locked = await pipe.execute()
+            return value, bool(locked)
+
+        try:
+            while True:
+                acquired, value = await self._call("lock", lock_and_peek)
+                if value is not None:
+                    if acquired:
+                        await self._unlock(key, token)
+                    return value, None
+                if acquired:
+                    return None, token
+                while True:  # another replica computes: wait for its value
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        return None, None
+                    await asyncio.sleep(min(remaining, random.uniform(*POLL_INTERVAL)))
+                    value, locked = await self._call("poll", peek)
+                    if value is not None:
+                        return value, None
+                    if not locked:
+                        break  # it gave up without a value: try to take over
+        except _UnavailableError:
+            return None, None
+
+    async def _unlock(self, key: str, token: str) -> None:
+        lock_key = self._lock_key(key)
+
+        async def unlock(client: Redis) -> None:
+            await client.eval(_UNLOCK_SCRIPT, 1, lock_key, token)
+
+        with contextlib.suppress(_UnavailableError):
+            await self._call("unlock", unlock)
+
+    # -- backends ---------------------------------------------------------------------------
+
+    async def _lookup(self, key: str) -> tuple[bytes | None, bool]:
+        """``(value or None, whether Redis answered)``."""
+        if self._redis is None:
+            entry = self._memory.get(key)
+            return (None if entry is None else entry.value), True
+        value_key = self._value_key(key)
+
+        async def fetch(client: Redis) -> bytes | None:
+            return cast("bytes | None", await client.get(value_key))
+
+        try:
+            return await self._call("get", fetch), True
+        except _UnavailableError:
+            return None, False
+
+    def _memory_set(self, key: str, value: bytes, ttl: float, session_id: str | None) -> None:
+        self._memory[key] = _Entry(value, ttl)
+        if session_id is None:
+            return
+        expires_at = self._timer() + ttl
+        index = self._memory_sessions.get(session_id)
+        if index is None:
+            index = _SessionIndex(set(), expires_at)
+        else:
+            index.expires_at = max(index.expires_at, expires_at)
+        index.keys.add(key)
+        if len(index.keys) > self._max_entries:  # drop keys already evicted or expired
+            index.keys = {k for k in index.keys if k in self._memory}
+        self._memory_sessions[session_id] = index  # (re)computes the index's expiry
+
+    async def _call(self, operation: str, call: Callable[[Redis], Awaitable[T]]) -> T:
+        """Run one Redis round trip under the breaker and the safety-net timeout.
+
+        Raises _UnavailableError when the breaker refuses (no I/O at all) or the call fails (then
+        logged, counted and fed to the breaker). Cancellation gives the permit back.
+        """
+        client, breaker = self._redis, self._breaker
+        assert client is not None
+        assert breaker is not None
+        try:
+            breaker.try_acquire()
+        except CallNotPermittedError:
+            raise _UnavailableError(operation) from None
+        finally:
+            self._sync_state()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                result = await call(client)
+        except _CONNECTION_ERRORS as exc:
+            breaker.record_failure(time.monotonic() - started)
+            self._sync_state()
+            self._failed(operation, exc)
+            raise _UnavailableError(operation) from exc
+        except Exception as exc:
+            breaker.release()
+            self._failed(operation, exc)
+            raise _UnavailableError(operation) from exc
+        except BaseException:
+            breaker.release()
+            raise
+        breaker.record_success(time.monotonic() - started)
+        self._sync_state()
+        return result
+
+    # -- observer -----------------------------------------------------------------------------
+
+    def _breaker_state(self) -> str:
+        if self._breaker is None or self._breaker.state is BreakerState.CLOSED:
+            return "ok"
+        return "degraded"
+
+    def _sync_state(self) -> None:
+        state = self._breaker_state()
+        if state != self._state:
+            self._state = state
+            log = logger.warning if state == "degraded" else logger.info
+            log("cache: redis %s", "degraded, caching paused" if state == "degraded" else "ok")
+            self._notify("on_state", state)
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        logger.warning("cache: redis %s failed: %r", operation, exc)
+        self._notify("on_error", operation)
+
+    def _notify(self, hook: str, argument: Any) -> None:
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, hook)(argument)
+        except Exception:
+            logger.exception("cache: observer %s failed", hook)
+
+    # -- key names ----------------------------------------------------------------------------
+
+    def _value_key(self, key: str) -> str:
+        return f"{self._prefix}cache:{key}"
+
+    def _session_key(self, session_id: str) -> str:
+        return f"{self._prefix}cache-session:{session_id}"
+
+    def _lock_key(self, key: str) -> str:
+        return f"{self._prefix}lock:{key}"

@@ -1,0 +1,425 @@
+"""Per-caller rate and concurrency limits, on the real Redis and in process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from app.security.ratelimit import (
+    RateLimiter,
+    RateLimitExceeded,
+    RateLimitState,
+    rate_limit_headers,
+)
+
+LimiterFactory = Callable[..., RateLimiter]
+
+
+@pytest.fixture
+async def make_limiter(redis_url: str, redis_prefix: str) -> AsyncIterator[LimiterFactory]:
+    """`make_limiter()` on the real Redis under this test's prefix; `make_limiter(memory=True)`
+    in process. Each call is another replica: its own client, the same keys."""
+    limiters: list[RateLimiter] = []
+    clients: list[Redis] = []
+
+    def factory(*, memory: bool = False, url: str | None = None, **kwargs: Any) -> RateLimiter:
+        kwargs.setdefault("socket_timeout", 0.1)
+        kwargs.setdefault("key_prefix", redis_prefix)
+        if memory:
+            limiter = RateLimiter(redis=None, redis_url=None, **kwargs)
+        else:
+            target = url or redis_url
+            client = Redis.from_url(target, socket_timeout=0.1, socket_connect_timeout=0.1)
+            clients.append(client)
+            limiter = RateLimiter(redis=client, redis_url=target, **kwargs)
+        limiters.append(limiter)
+        return limiter
+
+    yield factory
+    for limiter in limiters:
+        await limiter.aclose()
+    for client in clients:
+        await client.aclose()
+
+
+async def _start_of_window(seconds: float) -> None:
+    """In process the windows are aligned to the clock: start a test just after a boundary,
+    so its burst does not straddle two windows."""
+    await asyncio.sleep(seconds - time.time() % seconds + 0.02)
+
+
+async def _assert_rate_limit(limiter: RateLimiter, identity: str) -> None:
+    states = [await limiter.hit("query", identity, "3/second") for _ in range(3)]
+    assert [s.remaining for s in states] == [2, 1, 0]
+    assert all(s.limit == 3 and 0 <= s.reset_after <= 1 for s in states)
+    with pytest.raises(RateLimitExceeded) as refused:
+        await limiter.hit("query", identity, "3/second")
+    assert refused.value.kind == "rate"
+    assert refused.value.retry_after >= 1
+    assert refused.value.state.remaining == 0
+    assert refused.value.state.limit == 3
+    assert 0 < refused.value.state.reset_after <= 1
+
+    await asyncio.sleep(refused.value.state.reset_after + 0.05)
+    state = await limiter.hit("query", identity, "3/second")
+    assert state.limit == 3
+
+
+# --- requests per window -----------------------------------------------------------------
+
+
+async def test_rate_limit_in_redis_refuses_then_resets(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    assert limiter.backend == "redis"
+    await _assert_rate_limit(limiter, "203.0.113.7")
+    assert limiter.errors == 0
+
+
+async def test_rate_limit_in_memory_refuses_then_resets(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter(memory=True)
+    assert limiter.backend == "memory"
+    await _start_of_window(1)
+    await _assert_rate_limit(limiter, "203.0.113.7")
+
+
+async def test_rate_limit_holds_across_replicas(
+    make_limiter: LimiterFactory, redis_url: str, redis_prefix: str
+) -> None:
+    first, second = make_limiter(), make_limiter()
+    assert (await first.hit("query", "10.0.0.1", "4/minute")).remaining == 3
+    assert (await second.hit("query", "10.0.0.1", "4/minute")).remaining == 2
+    assert (await first.hit("query", "10.0.0.1", "4/minute")).remaining == 1
+    assert (await second.hit("query", "10.0.0.1", "4/minute")).remaining == 0
+    for limiter in (first, second):
+        with pytest.raises(RateLimitExceeded):
+            await limiter.hit("query", "10.0.0.1", "4/minute")
+
+    # A third replica starting later sees the same bucket.
+    with pytest.raises(RateLimitExceeded):
+        await make_limiter().hit("query", "10.0.0.1", "4/minute")
+    # Keys live under the configured prefix, as `<prefix>rl:...`.
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*")]
+    finally:
+        await client.aclose()
+    assert keys
+    assert all(key.decode().startswith(f"{redis_prefix}rl:") for key in keys)
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["redis", "memory"])
+async def test_identities_and_scopes_do_not_share_buckets(
+    make_limiter: LimiterFactory, memory: bool
+) -> None:
+    limiter = make_limiter(memory=memory)
+    await limiter.hit("query", "alice", "1/hour")
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("query", "alice", "1/hour")
+    # Same identity, other endpoint; other identities, including ones built to collide.
+    await limiter.hit("secure-query", "alice", "1/hour")
+    for other in ("bob", "alice ", "ALICE", "alice:*", "query:alice", "*", "a" * 100_000):
+        state = await limiter.hit("query", other, "1/hour")
+        assert state.remaining == 0
+
+
+async def test_hostile_identities_stay_out_of_keys(
+    make_limiter: LimiterFactory, redis_url: str, redis_prefix: str
+) -> None:
+    limiter = make_limiter()
+    hostile = ["*", "user:*", "{tag}", "x" * 100_000, "line\nbreak", "\udcff", ""]
+    for identity in hostile:
+        assert (await limiter.hit("query", identity, "2/hour")).remaining == 1
+        async with limiter.concurrency("query", identity, 1):
+            pass
+    for identity in hostile:
+        assert (await limiter.hit("query", identity, "2/hour")).remaining == 0
+    assert limiter.errors == 0
+
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key.decode() async for key in client.scan_iter(match=f"{redis_prefix}*")]
+    finally:
+        await client.aclose()
+    assert len(keys) == len(hostile)
+    assert all(len(key) < len(redis_prefix) + 120 for key in keys)
+    assert not any("user" in key or "tag" in key or "\n" in key for key in keys)
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["redis", "memory"])
+async def test_bad_arguments_are_refused(make_limiter: LimiterFactory, memory: bool) -> None:
+    limiter = make_limiter(memory=memory)
+    with pytest.raises(ValueError, match="scope"):
+        await limiter.hit("query:*", "alice", "1/hour")
+    with pytest.raises(ValueError, match="parse"):
+        await limiter.hit("query", "alice", "lots per fortnight")
+    with pytest.raises(ValueError, match="max_in_flight"):
+        limiter.concurrency("query", "alice", 0)
+    with pytest.raises(ValueError, match="redis_url"):
+        RateLimiter(redis=Redis(), redis_url=None, key_prefix="x:", socket_timeout=0.1)
+
+
+# --- requests in flight ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["redis", "memory"])
+async def test_concurrency_caps_in_flight_requests(
+    make_limiter: LimiterFactory, memory: bool
+) -> None:
+    limiter = make_limiter(memory=memory)
+    async with limiter.concurrency("query", "alice", 2):
+        async with limiter.concurrency("query", "alice", 2):
+            with pytest.raises(RateLimitExceeded) as refused:
+                async with limiter.concurrency("query", "alice", 2):
+                    pytest.fail("a third slot was granted")
+            assert refused.value.kind == "concurrency"
+            assert refused.value.retry_after == pytest.approx(1)
+            assert refused.value.state == RateLimitState(limit=2, remaining=0, reset_after=1.0)
+            # Other identities and other scopes have slots of their own.
+            async with limiter.concurrency("query", "bob", 2):
+                pass
+            async with limiter.concurrency("secure-query", "alice", 2):
+                pass
+        # One left: a new request gets its slot.
+        async with limiter.concurrency("query", "alice", 2):
+            pass
+
+    # An exception inside the block still gives the slot back.
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            async with limiter.concurrency("query", "alice", 1):
+                raise RuntimeError("handler failed")
+    async with limiter.concurrency("query", "alice", 1):
+        pass
+    assert limiter.errors == 0
+
+
+async def test_concurrency_holds_across_replicas(make_limiter: LimiterFactory) -> None:
+    first, second = make_limiter(), make_limiter()
+    async with first.concurrency("query", "alice", 2):
+        async with second.concurrency("query", "alice", 2):
+            for limiter in (first, second):
+                with pytest.raises(RateLimitExceeded):
+                    async with limiter.concurrency("query", "alice", 2):
+                        pass
+        async with first.concurrency("query", "alice", 2):
+            pass
+
+
+async def test_slots_of_a_crashed_replica_come_back_after_the_lease(
+    make_limiter: LimiterFactory,
+) -> None:
+    crashed = make_limiter(lease_seconds=0.3)
+    alive = make_limiter(lease_seconds=0.3)
+    # Entered and never exited, like a replica killed mid-request: one slot now, one later.
+    await crashed.concurrency("query", "alice", 2).__aenter__()
+    await asyncio.sleep(0.2)
+    await crashed.concurrency("query", "alice", 2).__aenter__()
+    with pytest.raises(RateLimitExceeded):
+        await alive.concurrency("query", "alice", 2).__aenter__()
+
+    # The first lease is over (the key itself lives on, refreshed by the second one).
+    await asyncio.sleep(0.15)
+    async with alive.concurrency("query", "alice", 2):
+        with pytest.raises(RateLimitExceeded):
+            await alive.concurrency("query", "alice", 2).__aenter__()
+
+    await asyncio.sleep(0.2)  # and now the second
+    async with alive.concurrency("query", "alice", 2), alive.concurrency("query", "alice", 2):
+        pass
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["redis", "memory"])
+async def test_cancelled_requests_give_their_slot_back(
+    make_limiter: LimiterFactory, memory: bool
+) -> None:
+    limiter = make_limiter(memory=memory)
+    entered = asyncio.Event()
+
+    async def request() -> None:
+        async with limiter.concurrency("query", "alice", 1):
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(request())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    # anyio (Starlette) cancel scopes cancel every await inside them, the release included.
+    with anyio.CancelScope() as scope:
+        async with limiter.concurrency("query", "alice", 1):
+            scope.cancel()
+            await anyio.sleep(30)
+    assert scope.cancelled_caught
+
+    await _wait_for_slot(limiter)
+    assert limiter.errors == 0
+
+
+async def _wait_for_slot(limiter: RateLimiter) -> None:
+    deadline = time.monotonic() + 1
+    while True:
+        try:
+            async with limiter.concurrency("query", "alice", 1):
+                return
+        except RateLimitExceeded:
+            assert time.monotonic() < deadline, "the slot was not given back"
+            await asyncio.sleep(0.01)
+
+
+async def test_release_survives_cancellation_while_waiting_for_a_connection(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The app's pool is busy and the client goes away: the slot must still come back."""
+    pool = BlockingConnectionPool.from_url(
+        redis_url, max_connections=1, timeout=2, socket_timeout=1
+    )
+    client = Redis(connection_pool=pool)
+    limiter = RateLimiter(
+        redis=client, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.2
+    )
+
+    async def hold_the_connection() -> None:
+        await client.blpop([f"{redis_prefix}none"], timeout=0.1)
+
+    try:
+        blocker: asyncio.Task[None] | None = None
+        with anyio.CancelScope() as scope:
+            async with limiter.concurrency("query", "alice", 1):
+                # Another request holds the only connection for a moment.
+                blocker = asyncio.create_task(hold_the_connection())
+                await asyncio.sleep(0.02)
+                scope.cancel()
+                await anyio.sleep(30)
+        assert blocker is not None
+        await blocker
+        await _wait_for_slot(limiter)
+        assert limiter.errors == 0
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+        await pool.aclose()
+
+
+# --- Redis failures ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def dead_redis_url() -> str:
+    """A port where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def silent_redis_url() -> Iterator[str]:
+    """A port that accepts connections and never answers (a hung Redis)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+async def _assert_fails_open(limiter: RateLimiter) -> None:
+    for expected_errors in (1, 2, 3):
+        started = time.monotonic()
+        await limiter.hit("query", "alice", "3/hour")
+        async with limiter.concurrency("query", "alice", 1):
+            pass
+        assert time.monotonic() - started < 0.5
+        assert limiter.errors == 2 * expected_errors
+    # The in-process fallback still limits.
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("query", "alice", "3/hour")
+    async with limiter.concurrency("query", "alice", 1):
+        with pytest.raises(RateLimitExceeded):
+            async with limiter.concurrency("query", "alice", 1):
+                pass
+
+
+async def test_redis_down_falls_back_to_in_process_limits(
+    make_limiter: LimiterFactory, dead_redis_url: str
+) -> None:
+    limiter = make_limiter(url=dead_redis_url, fallback_seconds=0)
+    assert limiter.backend == "redis"
+    await _assert_fails_open(limiter)
+
+
+async def test_hung_redis_is_bounded_by_the_timeouts(
+    make_limiter: LimiterFactory, silent_redis_url: str
+) -> None:
+    # The shared client keeps redis-py's default retries; asyncio.timeout still bounds it.
+    client = Redis.from_url(silent_redis_url, socket_timeout=0.05, socket_connect_timeout=0.05)
+    limiter = RateLimiter(
+        redis=client,
+        redis_url=silent_redis_url,
+        key_prefix="unused:",
+        socket_timeout=0.05,
+        fallback_seconds=0,
+    )
+    try:
+        await _assert_fails_open(limiter)
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_after_a_failure_redis_is_skipped_for_a_while(
+    make_limiter: LimiterFactory, silent_redis_url: str
+) -> None:
+    limiter = make_limiter(url=silent_redis_url, fallback_seconds=30)
+    await limiter.hit("query", "alice", "5/hour")
+    assert limiter.errors == 1
+    started = time.monotonic()
+    for _ in range(3):
+        await limiter.hit("query", "alice", "5/hour")
+        async with limiter.concurrency("query", "alice", 1):
+            pass
+    assert time.monotonic() - started < 0.05
+    assert limiter.errors == 1
+
+
+async def test_limiter_opens_its_own_client_when_given_only_a_url(
+    redis_url: str, redis_prefix: str
+) -> None:
+    limiter = RateLimiter(
+        redis=None, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=1
+    )
+    try:
+        assert limiter.backend == "redis"
+        async with limiter.concurrency("query", "alice", 1):
+            with pytest.raises(RateLimitExceeded):
+                async with limiter.concurrency("query", "alice", 1):
+                    pass
+        assert (await limiter.hit("query", "alice", "2/hour")).remaining == 1
+        assert limiter.errors == 0
+    finally:
+        await limiter.aclose()
+
+
+# --- headers -----------------------------------------------------------------------------
+
+
+def test_rate_limit_headers() -> None:
+    assert rate_limit_headers(RateLimitState(limit=60, remaining=12, reset_after=7.2)) == {
+        "RateLimit-Limit": "60",
+        "RateLimit-Remaining": "12",
+        "RateLimit-Reset": "8",
+    }
+    assert rate_limit_headers(RateLimitState(limit=5, remaining=0, reset_after=0.0)) == {
+        "RateLimit-Limit": "5",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "0",
+    }
+    headers = rate_limit_headers(RateLimitState(limit=5, remaining=0, reset_after=59.0001))
+    assert headers["RateLimit-Reset"] == "60"
