@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    instance_name: str = Field(
+        "", description="Sent as the X-Instance response header; empty: the hostname."
+    )
     log_json: bool = True
     access_log: bool = Field(True, description="One log line per HTTP request (uvicorn).")
     forwarded_allow_ips: str = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from app import __version__
 from app.api import ops, query, sessions
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodySizeLimit
+from app.api.middleware import BodySizeLimit, InstanceHeader
 from app.config import Settings
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app, endpoint="/metrics", include_in_schema=True, tags=["operations"]
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InstanceHeader, instance=settings.instance_name or socket.gethostname())
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name="X-Request-ID",

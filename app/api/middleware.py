@@ -8,6 +8,26 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
+class InstanceHeader:
+    """Name the replica that answered (X-Instance): load-balancer debugging, stack tests."""
+
+    def __init__(self, app: ASGIApp, *, instance: str) -> None:
+        self.app = app
+        self.header = (b"x-instance", instance.encode("latin-1", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_instance(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_instance)
+
+
 class BodySizeLimit:
     """413 for bodies over `max_bytes`: by Content-Length up front, or while a chunked body
     is read (the route's body parsing then fails with the same 413).

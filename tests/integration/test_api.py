@@ -260,7 +260,9 @@ async def test_request_deadline_is_504_and_stores_nothing(
 
 async def test_health_ready_and_metrics(app_factory: AppFactory) -> None:
     async with app_factory() as (app, client):
-        assert (await client.get("/health")).json() == {"status": "ok"}
+        health = await client.get("/health")
+        assert health.json() == {"status": "ok"}
+        assert health.headers["x-instance"]  # names the replica (hostname by default)
         ready = await client.get("/ready")
         assert ready.status_code == 200
         checks = ready.json()["checks"]
