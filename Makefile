@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.run-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: run test lint typecheck pytest install migrate simulate clean
+.PHONY: run test lint typecheck pytest install migrate simulate load clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentserve needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -38,6 +38,10 @@ typecheck: $(TEST_STAMP)
 
 pytest: $(TEST_STAMP)
 	$(BIN)/pytest
+
+## make load: load test: LLM simulator upstream + service + locust (LOAD_USERS, LOAD_DURATION, ...)
+load: $(TEST_STAMP)
+	VENV=$(VENV) bash scripts/load.sh
 
 migrate: $(RUN_STAMP)
 	$(BIN)/agentserve migrate

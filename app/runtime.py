@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -52,17 +53,13 @@ class Runtime:
     def model_id(self, spec: AgentSpec) -> str:
         return spec.model or self.settings.llm_model
 
+    resources: AsyncExitStack = field(default_factory=AsyncExitStack)
+    """Closes, in reverse order of opening, everything build_runtime opened."""
+
     async def aclose(self) -> None:
         for pool in self.pools.values():
             pool.close()
-        await self.verifier.aclose()
-        await self.limiter.aclose()
-        if self.cache is not None:
-            await self.cache.aclose()
-        if self.redis is not None:
-            await self.redis.aclose()
-        await self.gateway.aclose()
-        await self.engine.dispose()
+        await self.resources.aclose()
 
 
 def build_pools(
@@ -77,8 +74,9 @@ def build_pools(
         unknown = [name for name in spec.tools if name not in tools]
         if unknown:
             raise ValueError(f"agent {spec.name!r} names unknown tools: {unknown}")
-        model_id = spec.model or settings.llm_model
-        chain = gateway.chain_for((model_id, *spec.fallback_models))
+        models = chain_models(spec, settings)
+        model_id = models[0]
+        chain = gateway.chain_for(models)
         schemas = tools.schemas(spec.tools)
         agents = [
             Agent(spec, chain, tools, model_id=model_id, tool_schemas=schemas)
@@ -107,41 +105,57 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         )
     if settings.should_auto_migrate:
         await db.migrate(settings.database_url)
-    engine = db.create_engine(settings)
-    gateway = LLMGateway(settings, observer=metrics, on_breaker_change=metrics.on_breaker_change)
-    redis = create_redis(settings) if settings.redis_url else None
-    verifier = JWTVerifier(settings)
-    limiter = RateLimiter(
-        redis=redis,
-        redis_url=settings.redis_url,
-        key_prefix=settings.redis_key_prefix,
-        socket_timeout=settings.redis_socket_timeout,
-        lease_seconds=2 * settings.request_timeout,
-    )
-    try:
-        for breaker in gateway.breakers:
-            metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
-        tools = builtin_registry()
-        pools = build_pools(settings, specs, tools, gateway, metrics)
-        store = SessionStore(engine, history_limit=settings.history_max_messages)
-
+    async with AsyncExitStack() as resources:
+        engine = db.create_engine(settings)
+        resources.push_async_callback(engine.dispose)
+        gateway = LLMGateway(
+            settings, observer=metrics, on_breaker_change=metrics.on_breaker_change
+        )
+        resources.push_async_callback(gateway.aclose)
+        redis = create_redis(settings) if settings.redis_url else None
+        if redis is not None:
+            resources.push_async_callback(redis.aclose)
+        verifier = JWTVerifier(settings)
+        resources.push_async_callback(verifier.aclose)
+        limiter = RateLimiter(
+            redis=redis,
+            redis_url=settings.redis_url,
+            key_prefix=settings.redis_key_prefix,
+            socket_timeout=settings.redis_socket_timeout,
+            lease_seconds=2 * settings.request_timeout,
+        )
+        resources.push_async_callback(limiter.aclose)
         cache = (
             ResponseCache.from_settings(settings, redis=redis, observer=metrics)
             if settings.cache_enabled
             else None
         )
+        if cache is not None:
+            resources.push_async_callback(cache.aclose)
+
+        for breaker in gateway.breakers:
+            metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
+        tools = builtin_registry()
+        pools = build_pools(settings, specs, tools, gateway, metrics)
+        store = SessionStore(engine, history_limit=settings.history_max_messages)
+        fingerprints = {
+            name: spec.fingerprint(
+                settings.llm_model, upstreams=gateway.describe_chain(chain_models(spec, settings))
+            )
+            for name, spec in specs.items()
+        }
         service = QueryService(
             store=store,
             specs=specs,
             pools=pools,
             cache=cache,
             default_agent=settings.default_agent,
-            default_model=settings.llm_model,
+            fingerprints=fingerprints,
             default_cache_ttl=settings.cache_ttl_seconds,
             session_max_messages=settings.session_max_messages,
             on_turn_saved=metrics.on_turn_saved,
         )
-        return Runtime(
+        runtime = Runtime(
             settings=settings,
             engine=engine,
             store=store,
@@ -155,12 +169,11 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             verifier=verifier,
             redis=redis,
             head_revision=db.head_revision(),
+            resources=resources.pop_all(),
         )
-    except BaseException:
-        await verifier.aclose()
-        await limiter.aclose()
-        if redis is not None:
-            await redis.aclose()
-        await gateway.aclose()
-        await engine.dispose()
-        raise
+    return runtime
+
+
+def chain_models(spec: AgentSpec, settings: Settings) -> tuple[str, ...]:
+    """The model ids an agent's fallback chain tries, in order."""
+    return (spec.model or settings.llm_model, *spec.fallback_models)

@@ -157,7 +157,7 @@ class QueryService:
         pools: dict[str, AgentPool[Agent]],
         cache: ResponseCache | None,
         default_agent: str,
-        default_model: str,
+        fingerprints: dict[str, str],
         default_cache_ttl: int,
         session_max_messages: int,
         on_turn_saved: Callable[[str, list[StepRecord], bool], None] | None = None,
@@ -169,7 +169,7 @@ class QueryService:
         self._default_agent = default_agent
         self._default_cache_ttl = default_cache_ttl
         self._session_max_messages = session_max_messages
-        self._fingerprints = {name: s.fingerprint(default_model) for name, s in specs.items()}
+        self._fingerprints = fingerprints
         self._busy: set[uuid.UUID] = set()
         self._on_turn_saved = on_turn_saved
 
@@ -289,6 +289,10 @@ class QueryService:
         try:
             await self._store.save_turn(turn)
         except SessionBusyError:
+            if not is_new and await self._store.load(session_id, with_history=False) is None:
+                raise SessionNotFoundError(
+                    f"session {session_id} was deleted while this turn ran"
+                ) from None
             raise self._busy_error(session_id) from None
         if self._on_turn_saved is not None:
             self._on_turn_saved(spec.name, answer.steps, hit)
@@ -298,6 +302,8 @@ class QueryService:
         record = await self._store.load(session_id, with_history=False)
         if record is None or record.owner != owner:
             raise SessionNotFoundError(f"session {session_id} does not exist")
+        if session_id in self._busy:  # its turn would write cache entries after the erasure
+            raise self._busy_error(session_id)
         await self._store.delete(session_id)
         if self._cache is not None:
             await self._cache.forget_session(str(session_id))

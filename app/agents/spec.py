@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -30,9 +31,11 @@ class AgentSpec(BaseModel):
         "answers reveal nothing about the asker).",
     )
 
-    def fingerprint(self, default_model: str) -> str:
-        """Digest of everything in the spec that shapes an answer (cache keys use it)."""
+    def fingerprint(self, default_model: str, *, upstreams: Sequence[str] = ()) -> str:
+        """Digest of everything that shapes an answer (cache keys use it): the spec and the
+        upstream chain that answers it."""
         shaping = {
+            "upstreams": list(upstreams),
             "instructions": self.instructions,
             "model": self.model or default_model,
             "fallback_models": self.fallback_models,

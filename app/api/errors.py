@@ -19,8 +19,11 @@ from app.llm.types import LLMError
 from app.security.jwt import AuthError
 from app.security.ratelimit import RateLimitExceeded, rate_limit_headers
 from app.service import ServiceError
+from app.storage.sessions import DatabaseUnavailableError
 
 logger = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER = 5.0
 
 SERVICE_STATUS = {
     "agent_not_found": 404,
@@ -159,7 +162,9 @@ async def _on_auth_error(_: Request, exc: Exception) -> Response:
 
 async def _on_rate_limited(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RateLimitExceeded)
-    request.app.state.metrics.rate_limited.labels(request.url.path, exc.kind).inc()
+    route = request.scope.get("route")
+    template = getattr(route, "path", "unmatched")  # the template, not the raw path (cardinality)
+    request.app.state.metrics.rate_limited.labels(template, exc.kind).inc()
     what = "requests" if exc.kind == "rate" else "concurrent requests"
     return error_response(
         429,
@@ -167,6 +172,16 @@ async def _on_rate_limited(request: Request, exc: Exception) -> Response:
         f"too many {what}; retry after {max(1, math.ceil(exc.retry_after))}s",
         retry_after=exc.retry_after,
         headers=rate_limit_headers(exc.state),
+    )
+
+
+async def _on_database_error(_: Request, exc: Exception) -> Response:
+    logger.warning("database unavailable", extra={"error": repr(exc)[:300]})
+    return error_response(
+        503,
+        "database_unavailable",
+        "the database cannot be reached right now; retry later",
+        retry_after=DATABASE_RETRY_AFTER,
     )
 
 
@@ -184,4 +199,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LLMError, _on_llm_error)
     app.add_exception_handler(AuthError, _on_auth_error)
     app.add_exception_handler(RateLimitExceeded, _on_rate_limited)
+    app.add_exception_handler(DatabaseUnavailableError, _on_database_error)
     app.add_exception_handler(Exception, _on_unexpected)

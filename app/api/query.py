@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter, Body, Header
+from fastapi import APIRouter, Body, Header, Request
 from starlette.responses import Response
 
 from app.api.deps import RuntimeDep
@@ -42,8 +42,22 @@ SECURE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 CacheControl = Annotated[
     str | None,
-    Header(description="`no-cache` skips the cache lookup, `no-store` skips storing."),
+    Header(
+        description="`no-cache` (or `max-age=0`, or `Pragma: no-cache`) skips the cache "
+        "lookup, `no-store` skips storing."
+    ),
 ]
+
+
+def cache_directives(request: Request) -> set[str]:
+    """Every Cache-Control line (and Pragma) as a set of lower-cased directives."""
+    lines = [*request.headers.getlist("cache-control"), *request.headers.getlist("pragma")]
+    directives = {
+        part.strip().lower().replace(" ", "") for line in lines for part in line.split(",")
+    }
+    if "max-age=0" in directives:
+        directives.add("no-cache")
+    return directives
 
 
 def validate_limits(body: QueryRequest, settings: Settings) -> None:
@@ -62,8 +76,7 @@ def validate_limits(body: QueryRequest, settings: Settings) -> None:
         )
 
 
-def cache_policy(body: QueryRequest, cache_control: str | None) -> CachePolicy:
-    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+def cache_policy(body: QueryRequest, directives: set[str]) -> CachePolicy:
     options = body.cache
     return CachePolicy(
         read="no-cache" not in directives and not (options and options.no_cache),
@@ -104,7 +117,7 @@ def render(output: QueryOutput, request_id: str) -> dict[str, Any]:
 async def run_query(
     runtime: Runtime,
     body: QueryRequest,
-    cache_control: str | None,
+    directives: set[str],
     *,
     scope: str,
     identity: str,
@@ -125,7 +138,7 @@ async def run_query(
         owner=owner,
         allowed_agents=allowed_agents,
         request_id=request_id,
-        cache=cache_policy(body, cache_control),
+        cache=cache_policy(body, directives),
     )
     async with runtime.limiter.concurrency(scope, identity, max_in_flight):
         try:
@@ -137,8 +150,8 @@ async def run_query(
             raise APIError(
                 504,
                 "deadline_exceeded",
-                f"the request did not finish within {settings.request_timeout:g}s; nothing "
-                "was stored",
+                f"the request did not finish within {settings.request_timeout:g}s; the turn "
+                "was not completed",
             ) from None
     headers = rate_limit_headers(limit_state)
     headers["X-Cache"] = "HIT" if output.cached else "MISS"
@@ -155,6 +168,7 @@ async def query(
     body: Annotated[QueryRequest, Body(openapi_examples=QUERY_EXAMPLES)],
     runtime: RuntimeDep,
     ip: ClientIPDep,
+    request: Request,
     cache_control: CacheControl = None,
 ) -> Response:
     """Send a message to an agent. Omit `session_id` to start a conversation; pass the
@@ -163,7 +177,7 @@ async def query(
     return await run_query(
         runtime,
         body,
-        cache_control,
+        cache_directives(request),
         scope="query",
         identity=ip,
         rate=settings.rate_limit_query,
@@ -184,6 +198,7 @@ async def secure_query(
     body: Annotated[QueryRequest, Body(openapi_examples=QUERY_EXAMPLES)],
     runtime: RuntimeDep,
     principal: PrincipalDep,
+    request: Request,
     cache_control: CacheControl = None,
 ) -> Response:
     """Same body as /query. Sessions started here belong to the token's `sub`: nobody else
@@ -192,7 +207,7 @@ async def secure_query(
     return await run_query(
         runtime,
         body,
-        cache_control,
+        cache_directives(request),
         scope="secure-query",
         identity=principal.subject,
         rate=settings.rate_limit_secure_query,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -65,7 +66,41 @@ class QueryRequest(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("message must not be blank")
+        if "\x00" in value:
+            raise ValueError("message must not contain NUL characters")
         return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
+        if value is not None:
+            _check_storable(value, "metadata")
+        return value
+
+
+INT64 = 2**63
+
+
+def _check_storable(value: JsonValue, where: str) -> None:
+    """Reject JSON that every database cannot store: NUL, NaN/Infinity, ints over 64 bits."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where}: strings must not contain NUL characters")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not -INT64 <= value < INT64:
+            raise ValueError(f"{where}: integers must fit in 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: numbers must be finite")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_storable(key, where)
+            _check_storable(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_storable(item, f"{where}[{index}]")
 
 
 class UsageOut(BaseModel):

@@ -31,8 +31,8 @@ async def _limited(runtime: Runtime, principal: Principal) -> dict[str, str]:
     return rate_limit_headers(state)
 
 
-def _next(count: int, limit: int, offset: int) -> int | None:
-    return offset + limit if count == limit else None
+def _next(total: int, limit: int, offset: int) -> int | None:
+    return offset + limit if offset + limit < total else None
 
 
 @router.get("", response_model=SessionPage, summary="My sessions, most recent first")
@@ -40,12 +40,13 @@ async def list_sessions(
     runtime: RuntimeDep, principal: PrincipalDep, limit: Limit = 20, offset: Offset = 0
 ) -> Response:
     headers = await _limited(runtime, principal)
-    rows = await runtime.store.list_sessions(principal.subject, limit=limit, offset=offset)
+    # one row more than asked tells whether another page exists
+    rows = await runtime.store.list_sessions(principal.subject, limit=limit + 1, offset=offset)
     body: dict[str, Any] = {
-        "sessions": [_session(row) for row in rows],
+        "sessions": [_session(row) for row in rows[:limit]],
         "limit": limit,
         "offset": offset,
-        "next_offset": _next(len(rows), limit, offset),
+        "next_offset": offset + limit if len(rows) > limit else None,
     }
     return JSON(body, headers=headers)
 
@@ -73,7 +74,7 @@ async def get_session(
         "messages": messages,
         "limit": limit,
         "offset": offset,
-        "next_offset": _next(len(messages), limit, offset),
+        "next_offset": _next(record.message_count, limit, offset),
     }
     return JSON(body, headers=headers)
 

@@ -99,6 +99,16 @@ class LLMGateway:
             self._chains[models] = chain
         return chain
 
+    def describe_chain(self, models: tuple[str, ...]) -> list[str]:
+        """Who would answer, in order: part of the cache key, so that answers from another
+        upstream (say, the simulator before a real model was configured) are never reused."""
+        return [
+            f"{config.name}|{config.kind}|{config.base_url or ''}|{model}"
+            for model in models
+            for config, _ in self.upstreams
+            if config.serves(model)
+        ]
+
     async def aclose(self) -> None:
         for client in self._clients:
             await client.aclose()

@@ -60,7 +60,8 @@ MAX_JWKS_BYTES = 512 * 1024
 """A larger JWKS answer is refused (treated as unavailable)."""
 MAX_TOKEN_CHARS = 8192
 """Longer bearer tokens are refused before any parsing."""
-MAX_SUBJECT_CHARS = 256
+MAX_SUBJECT_CHARS = 255
+"""The sessions.owner column holds 255 characters."""
 
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 """RFC 6750 section 2.1: ``b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" )
@@ -413,7 +414,12 @@ class JWTVerifier:
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject.strip() or len(subject) > MAX_SUBJECT_CHARS:
+        if (
+            not isinstance(subject, str)
+            or not subject.strip()
+            or len(subject) > MAX_SUBJECT_CHARS
+            or "\x00" in subject
+        ):
             raise _invalid("invalid sub claim")
 
         scopes: set[str] = set()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
+import sqlalchemy.exc
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,6 +30,26 @@ _sessions = cast(Table, ChatSession.__table__)
 
 class SessionBusyError(Exception):
     """Another turn was written to the session since this one loaded it."""
+
+
+class DatabaseUnavailableError(Exception):
+    """The database could not be reached or did not answer (not a problem with the data)."""
+
+
+_UNREACHABLE = (
+    sqlalchemy.exc.OperationalError,  # refused, lost, shutting down, SQLite locked
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection within DB_POOL_TIMEOUT
+    OSError,  # asyncpg's connect errors arrive unwrapped (refused, DNS, connect timeout)
+)
+
+
+@asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNREACHABLE as exc:
+        raise DatabaseUnavailableError(repr(exc)[:300]) from exc
 
 
 def next_history_digest(previous: str, messages: Sequence[Message]) -> str:
@@ -80,6 +102,11 @@ class Turn:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def _text(value: Any) -> Any:
+    """Postgres text cannot hold NUL; a model may still produce one. Keep the rest intact."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 def _to_wire(row: Any) -> Message:
     message: Message = {"role": row.role, "content": row.content}
     if row.tool_calls:
@@ -108,7 +135,7 @@ class SessionStore:
         self, session_id: uuid.UUID, *, with_history: bool = True
     ) -> SessionRecord | None:
         """The session and its last `history_limit` messages (by index, oldest first)."""
-        async with self._engine.connect() as conn:
+        async with _reachable(), self._engine.connect() as conn:
             row = (
                 await conn.execute(select(_sessions).where(_sessions.c.id == session_id))
             ).first()
@@ -153,10 +180,10 @@ class SessionStore:
                 "session_id": turn.session_id,
                 "seq": first_seq + offset,
                 "role": stored.message["role"],
-                "content": stored.message.get("content"),
+                "content": _text(stored.message.get("content")),
                 "tool_calls": stored.message.get("tool_calls"),
-                "tool_call_id": stored.message.get("tool_call_id"),
-                "name": stored.message.get("name"),
+                "tool_call_id": _text(stored.message.get("tool_call_id")),
+                "name": _text(stored.message.get("name")),
                 "prompt_tokens": stored.prompt_tokens,
                 "completion_tokens": stored.completion_tokens,
                 "request_id": turn.request_id,
@@ -167,7 +194,7 @@ class SessionStore:
         new_count = turn.expected_count + len(rows)
         digest = next_history_digest(turn.previous_digest, [s.message for s in turn.messages])
         try:
-            async with self._engine.begin() as conn:
+            async with _reachable(), self._engine.begin() as conn:
                 if turn.is_new:
                     await conn.execute(
                         insert(_sessions).values(
@@ -198,7 +225,7 @@ class SessionStore:
 
     async def list_sessions(self, owner: str, *, limit: int, offset: int) -> list[dict[str, Any]]:
         """The owner's sessions, most recently active first (index: owner, updated_at)."""
-        async with self._engine.connect() as conn:
+        async with _reachable(), self._engine.connect() as conn:
             result = await conn.execute(
                 select(
                     _sessions.c.id,
@@ -219,7 +246,7 @@ class SessionStore:
         self, session_id: uuid.UUID, *, limit: int, offset: int
     ) -> list[dict[str, Any]]:
         """Stored messages in conversation order, with their bookkeeping columns."""
-        async with self._engine.connect() as conn:
+        async with _reachable(), self._engine.connect() as conn:
             result = await conn.execute(
                 select(
                     _messages.c.seq,
@@ -241,14 +268,14 @@ class SessionStore:
             return [dict(row._mapping) for row in result]
 
     async def count_messages(self, session_id: uuid.UUID) -> int:
-        async with self._engine.connect() as conn:
+        async with _reachable(), self._engine.connect() as conn:
             result = await conn.execute(
                 select(func.count()).where(_messages.c.session_id == session_id)
             )
             return int(result.scalar_one())
 
     async def delete(self, session_id: uuid.UUID) -> bool:
-        async with self._engine.begin() as conn:
+        async with _reachable(), self._engine.begin() as conn:
             await conn.execute(delete(_messages).where(_messages.c.session_id == session_id))
             result = await conn.execute(delete(_sessions).where(_sessions.c.id == session_id))
             return bool(result.rowcount)

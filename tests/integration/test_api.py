@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from app.storage.models import ChatMessage, ChatSession
 from tests.conftest import AppFactory, write_agents
 
 pytestmark = pytest.mark.integration
+
+
+async def total_rows(database_url: str) -> tuple[int, int]:
+    """(sessions, messages) in the whole database; tests run one at a time."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            sessions = await conn.scalar(select(func.count()).select_from(ChatSession))
+            messages = await conn.scalar(select(func.count()).select_from(ChatMessage))
+            return int(sessions or 0), int(messages or 0)
+    finally:
+        await engine.dispose()
 
 
 async def count_rows(database_url: str, session_id: str) -> tuple[int, int]:
@@ -123,8 +136,10 @@ async def test_failed_llm_call_leaves_no_partial_turn(
         assert int(failed.headers["retry-after"]) >= 1
         assert "retry" in error["message"]
 
+        before = await total_rows(database_url)
         new_failed = await client.post("/query", json={"message": "a new conversation"})
         assert_error_shape(new_failed, 503, "llm_unavailable")
+        assert await total_rows(database_url) == before  # no session, no message
 
     assert await count_rows(database_url, session_id) == (1, 2)
 
@@ -254,8 +269,71 @@ async def test_request_deadline_is_504_and_stores_nothing(
     app_factory: AppFactory, database_url: str
 ) -> None:
     async with app_factory(sim_hang=True, request_timeout=0.3, llm_timeout=5) as (_, client):
+        before = await total_rows(database_url)
         response = await client.post("/query", json={"message": "will hang"})
+        assert await total_rows(database_url) == before
     assert_error_shape(response, 504, "deadline_exceeded")
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b'{"message": "hi \\u0000 there"}', "NUL"),
+        (b'{"message": "hi", "metadata": {"a": NaN}}', "finite"),
+        (b'{"message": "hi", "metadata": {"a": 1e400}}', "finite"),
+        (b'{"message": "hi", "metadata": {"a": 100000000000000000000000000000}}', "64 bits"),
+        (b'{"message": "hi", "metadata": {"k\\u0000": 1}}', "NUL"),
+    ],
+)
+async def test_values_no_database_can_store_are_422(
+    client: httpx.AsyncClient, raw: bytes, fragment: str
+) -> None:
+    response = await client.post(
+        "/query", content=raw, headers={"content-type": "application/json"}
+    )
+    error = assert_error_shape(response, 422, "validation_error")
+    assert fragment in error["message"]
+
+
+async def test_database_down_is_503_with_retry_after(tmp_path: Path) -> None:
+    from tests.conftest import make_settings, running_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(
+        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/nothing", db_pool_timeout=1
+    )
+    async with running_app(settings) as (_, client):
+        response = await client.post("/query", json={"message": "is anyone there?"})
+        continued = await client.post(
+            "/query", json={"message": "hello?", "session_id": str(uuid.uuid4())}
+        )
+        ready = await client.get("/ready")
+    assert_error_shape(response, 503, "database_unavailable")
+    assert_error_shape(continued, 503, "database_unavailable")
+    assert int(response.headers["retry-after"]) >= 1
+    assert ready.status_code == 503
+
+
+async def test_deleting_a_busy_session_is_409(app_factory: AppFactory) -> None:
+    from app.security.jwt import mint_token
+    from tests.conftest import make_settings
+
+    secret = "delete-while-busy-secret-0123456789abcdef"
+    async with app_factory(sim_latency_ms=400, jwt_secret=secret) as (_, client):
+        token = mint_token(make_settings(jwt_secret=secret), "erin")
+        auth = {"Authorization": f"Bearer {token}"}
+        first = await client.post("/secure-query", json={"message": "start"}, headers=auth)
+        sid = first.json()["session_id"]
+        turn = asyncio.create_task(
+            client.post("/secure-query", json={"message": "more", "session_id": sid}, headers=auth)
+        )
+        await asyncio.sleep(0.15)
+        deleted = await client.delete(f"/sessions/{sid}", headers=auth)
+        assert_error_shape(deleted, 409, "session_busy")
+        assert (await turn).status_code == 200
+        assert (await client.delete(f"/sessions/{sid}", headers=auth)).status_code == 204
 
 
 async def test_health_ready_and_metrics(app_factory: AppFactory) -> None:

@@ -29,7 +29,7 @@ def free_port() -> int:
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "SIM_"))}
     env.update(
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'var' / 'cli.db'}",  # no var/ yet
         LOG_LEVEL="WARNING",
         **extra,
     )
@@ -46,7 +46,7 @@ def test_migrate_creates_the_schema(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    engine = create_engine(f"sqlite:///{tmp_path / 'cli.db'}")
+    engine = create_engine(f"sqlite:///{tmp_path / 'var' / 'cli.db'}")
     try:
         tables = set(inspect(engine).get_table_names())
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -117,6 +118,14 @@ async def test_no_cache_and_no_store(redis_app: Any) -> None:
     option = await client.post("/query", json={**body, "cache": {"no_cache": True}})
     assert option.headers["x-cache"] == "MISS"
     assert sim_calls(app) == 3
+
+    for headers in (
+        {"Cache-Control": "max-age=0"},
+        {"Pragma": "no-cache"},
+        [("Cache-Control", "max-age=60"), ("Cache-Control", "no-cache")],
+    ):
+        response = await client.post("/query", json=body, headers=headers)
+        assert response.headers["x-cache"] == "MISS", headers
 
     secret = {"message": "do not keep this"}
     await client.post("/query", json=secret, headers={"Cache-Control": "no-store"})
@@ -388,6 +397,10 @@ async def test_sessions_are_paginated(redis_app: Any) -> None:
     assert len(ids) == len(set(ids)) == 5
     assert page1["next_offset"] == 2
     assert page3["next_offset"] is None
+    assert page2["next_offset"] == 4
+    sid = ids[0]
+    detail = (await client.get(f"/sessions/{sid}?limit=1&offset=1", headers=dave)).json()
+    assert detail["next_offset"] is None  # 2 messages: offset 1 + 1 is the end
     bad = await client.get("/sessions?limit=0", headers=dave)
     assert bad.status_code == 422
 
@@ -438,6 +451,20 @@ async def test_rate_limit_holds_across_two_instances(
         assert int(limited.headers["ratelimit-reset"]) >= 1
         await asyncio.sleep(float(limited.headers["retry-after"]) + 0.2)
         assert (await a.post("/query", json={"message": "5"})).status_code == 200
+
+
+async def test_rate_limit_metric_uses_the_route_template(
+    sqlite_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    extra = {"rate_limit_secure_query": "1/minute"}
+    async with app_with(sqlite_url, redis_url, redis_prefix, **extra) as (_, client):
+        auth = bearer(settings_for(sqlite_url, redis_url, redis_prefix), "frank")
+        for _ in range(3):
+            await client.get(f"/sessions/{uuid.uuid4()}", headers=auth)
+        metrics = (await client.get("/metrics")).text
+    assert 'agentserve_rate_limited_total{kind="rate",route="/sessions/{session_id}"} 2.0' in (
+        metrics
+    )
 
 
 async def test_limits_are_per_subject_and_per_ip(

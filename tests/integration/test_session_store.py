@@ -143,3 +143,36 @@ async def test_history_digest_names_the_whole_conversation(engine: AsyncEngine) 
     assert rc2 is not None
     assert rb2.history == rc2.history
     assert rb2.history_digest != rc2.history_digest
+
+
+async def test_what_a_model_may_send_is_stored(engine: AsyncEngine) -> None:
+    """Tool names and ids of any length, and NUL characters, never fail the write."""
+    store = SessionStore(engine, history_limit=50)
+    sid = uuid.uuid4()
+    name = "n" * 300
+    call_id = "c" * 300
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+    await store.save_turn(
+        Turn(
+            session_id=sid,
+            agent="tools",
+            owner=None,
+            is_new=True,
+            expected_count=0,
+            previous_digest="",
+            messages=[
+                StoredMessage({"role": "user", "content": "go"}),
+                StoredMessage({"role": "assistant", "content": None, "tool_calls": [call]}),
+                StoredMessage(
+                    {"role": "tool", "tool_call_id": call_id, "name": name, "content": "x"}
+                ),
+                StoredMessage({"role": "assistant", "content": "nul \x00 inside"}),
+            ],
+            request_id="r",
+        )
+    )
+    record = await store.load(sid)
+    assert record is not None
+    assert record.history[2]["name"] == name
+    assert record.history[2]["tool_call_id"] == call_id
+    assert record.history[3]["content"] == "nul \ufffd inside"
