@@ -64,6 +64,14 @@ class Settings(BaseSettings):
         "127.0.0.1", description="Proxies whose X-Forwarded-* headers are trusted."
     )
 
+    # --- tracing (OpenTelemetry) ----------------------------------------------------------
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector base URL (spans go to <url>/v1/traces); "
+        "unset: no tracing, nothing instrumented.",
+    )
+    otel_service_name: str = Field("agentserve", description="service.name of the spans.")
+
     # --- request limits and deadlines ----------------------------------------------------
     request_timeout: float = Field(120.0, gt=0, description="Whole-request deadline (504).")
     max_body_bytes: int = Field(64 * 1024, ge=1024)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -21,10 +22,11 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from app import __version__
 from app.api import ops, query, sessions
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodySizeLimit, InstanceHeader
+from app.api.middleware import BodySizeLimit, InstanceHeader, UnhandledErrors
 from app.config import Settings
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
+from app.observability.tracing import Tracing
 from app.runtime import build_runtime
 
 logger = logging.getLogger(__name__)
@@ -43,23 +45,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.log_level, json_lines=settings.log_json)
     runtime = await build_runtime(settings, app.state.metrics)
     app.state.runtime = runtime
-    logger.info(
-        "agentserve ready",
-        extra={
-            "agents": sorted(runtime.specs),
-            "upstreams": [config.name for config, _ in runtime.gateway.upstreams],
-            "database": runtime.engine.url.render_as_string(hide_password=True),
-        },
-    )
+    tracing: Tracing | None = app.state.tracing
     try:
+        if tracing is not None:
+            tracing.start(runtime.engine)
+        logger.info(
+            "agentserve ready",
+            extra={
+                "agents": sorted(runtime.specs),
+                "upstreams": [config.name for config, _ in runtime.gateway.upstreams],
+                "database": runtime.engine.url.render_as_string(hide_password=True),
+                "tracing": tracing is not None,
+            },
+        )
         yield
     finally:
         runtime.lifecycle.draining = True
         await runtime.aclose()
+        if tracing is not None:
+            await tracing.shutdown()
         logger.info("agentserve stopped")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, span_exporter: SpanExporter | None = None
+) -> FastAPI:
+    """The app for `settings` (default: from the environment).
+
+    `span_exporter` (tests) turns tracing on and receives every span, synchronously;
+    otherwise tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    """
     settings = settings or Settings()
     app = FastAPI(
         title="agentserve",
@@ -69,6 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics(CollectorRegistry(auto_describe=True))
+    app.state.tracing = Tracing.from_settings(settings, span_exporter=span_exporter)
+    if app.state.tracing is not None:
+        # First, so its tracer-scope middleware is the innermost; the server span wraps all.
+        app.state.tracing.instrument_app(app)
 
     install_error_handlers(app)
     if settings.anonymous_query_enabled:
@@ -77,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(ops.router)
 
+    app.add_middleware(UnhandledErrors)  # inside everything below, so 500s get their headers
     Instrumentator(
         registry=app.state.metrics.registry,
         excluded_handlers=["/metrics", "/health", "/ready"],

@@ -48,6 +48,7 @@ class Runtime:
     verifier: JWTVerifier
     redis: Redis | None
     head_revision: str | None
+    known_revisions: frozenset[str]
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     def model_id(self, spec: AgentSpec) -> str:
@@ -169,6 +170,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             verifier=verifier,
             redis=redis,
             head_revision=db.head_revision(),
+            known_revisions=db.known_revisions(),
             resources=resources.pop_all(),
         )
     return runtime

@@ -3,6 +3,9 @@
 `Agent.run` yields what happens as it happens (text deltas, tool calls, tool results, the
 final answer); `collect` folds the stream into one AgentResult for the JSON endpoint, and
 an SSE endpoint can forward the same events as they come.
+
+When tracing is on (`app.observability.tracing`), a run is an `agent.run` span whose
+children are the `llm.call` spans of the chain and a `tool.call` span per tool call.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from opentelemetry.trace import Span, StatusCode, Tracer
 
 from app.agents.spec import AgentSpec
 from app.agents.tools import ToolRegistry, ToolResult
@@ -26,6 +31,7 @@ from app.llm.types import (
     ToolSchema,
     Usage,
 )
+from app.observability.tracing import current_tracer, traced_iteration
 
 FinishReason = Literal["stop", "max_steps", "length"]
 
@@ -98,10 +104,31 @@ class Agent:
         self._tools = tools
         self._tool_schemas = tool_schemas
 
-    async def run(
+    def run(
         self, history: Sequence[Message], user_message: str, *, stream: bool = False
     ) -> AsyncIterator[AgentEvent]:
         """Model → tool calls (in parallel) → results → model … until an answer or max_steps."""
+        events = self._events(history, user_message, stream=stream)
+        tracer = current_tracer()
+        if tracer is None:
+            return events
+        return traced_iteration(
+            tracer,
+            "agent.run",
+            {
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": self.spec.name,
+                "gen_ai.request.model": self._model_id,
+                "agent.max_steps": self.spec.max_steps,
+                "agent.stream": stream,
+            },
+            events,
+            is_last=_annotate_run,
+        )
+
+    async def _events(
+        self, history: Sequence[Message], user_message: str, *, stream: bool
+    ) -> AsyncIterator[AgentEvent]:
         messages: list[Message] = [
             {"role": "system", "content": self.spec.instructions},
             *history,
@@ -171,6 +198,26 @@ class Agent:
         yield self._result(answer, model_name, usage, steps, "max_steps", added, added_usage)
 
     async def _invoke(self, call: ToolCall) -> tuple[ToolResult, float]:
+        tracer = current_tracer()
+        if tracer is None:
+            return await self._invoke_tool(call)
+        return await self._traced_invoke(tracer, call)
+
+    async def _traced_invoke(self, tracer: Tracer, call: ToolCall) -> tuple[ToolResult, float]:
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": call.name,
+            "gen_ai.tool.call.id": call.id,
+        }
+        with tracer.start_as_current_span("tool.call", attributes=attributes) as span:
+            result, duration_ms = await self._invoke_tool(call)
+            span.set_attribute("tool.is_error", result.is_error)
+            span.set_attribute("tool.duration_ms", duration_ms)
+            if result.is_error:
+                span.set_status(StatusCode.ERROR, "the tool answered with an error")
+            return result, duration_ms
+
+    async def _invoke_tool(self, call: ToolCall) -> tuple[ToolResult, float]:
         started = time.perf_counter()
         if call.name not in self.spec.tools:
             result = ToolResult(f"unknown tool {call.name!r}", is_error=True)
@@ -197,6 +244,26 @@ class Agent:
             messages=added,
             message_usage=added_usage,
         )
+
+
+def _annotate_run(span: Span, event: AgentEvent) -> bool:
+    """The final result closes the `agent.run` span with what the run came to."""
+    if not isinstance(event, AgentResult):
+        return False
+    model_calls = sum(message["role"] == "assistant" for message in event.messages)
+    if event.finish_reason == "max_steps":
+        model_calls -= 1  # the closing note is not a model answer
+    span.set_attributes(
+        {
+            "agent.finish_reason": event.finish_reason,
+            "agent.steps": model_calls,
+            "agent.tool_calls": len(event.steps),
+            "gen_ai.response.model": event.model,
+            "gen_ai.usage.input_tokens": event.usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": event.usage.completion_tokens,
+        }
+    )
+    return True
 
 
 async def collect(events: AsyncIterator[AgentEvent]) -> AgentResult:

@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 from asgi_correlation_id import correlation_id
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_response
+
+logger = logging.getLogger(__name__)
+
+
+class UnhandledErrors:
+    """An unexpected exception becomes the JSON 500 here, inside the other middleware, so the
+    answer still carries X-Request-ID and X-Instance and is counted in the HTTP metrics
+    (Starlette's own handler sits outside all of them)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # too late for a clean answer; let the server close the connection
+                raise
+            logger.exception("unhandled error")
+            response = error_response(500, "internal_error", "an unexpected error occurred")
+            await response(scope, receive, send)
 
 
 class InstanceHeader:

@@ -4,6 +4,10 @@ Order per upstream, as in resilience4j's Retry(CircuitBreaker(call)): every atte
 the breaker first, so an open breaker stops the retries at once and the chain moves on to
 the next upstream. Retries use tenacity (full-jitter exponential backoff, Retry-After
 honoured, stop before the per-call deadline would be crossed).
+
+When tracing is on, each call on an upstream (all its attempts) is one `llm.call` span: the
+upstream, the model, the breaker's state at the start, the retries (an `llm.retry` event
+each), the outcome and the tokens; ERROR status when the call fails.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Protocol, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -36,6 +43,7 @@ from app.llm.types import (
     StreamingChatModel,
     Usage,
 )
+from app.observability.tracing import current_tracer, record_error, traced_iteration
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +137,58 @@ class ResilientUpstream:
         )
         if self._observer is not None:
             self._observer.on_retry(self.name)
+        if current_tracer() is not None:  # the current span is this call's `llm.call`
+            span = trace.get_current_span()
+            span.set_attribute("llm.retries", state.attempt_number)
+            span.add_event(
+                "llm.retry",
+                {
+                    "llm.attempt": state.attempt_number,
+                    "llm.outcome": _outcome(error) if isinstance(error, LLMError) else "error",
+                    "llm.wait_s": round(state.upcoming_sleep, 3),
+                },
+            )
+
+    def _span_attributes(self, request: ChatRequest) -> dict[str, AttributeValue]:
+        return {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": request.model,
+            "llm.upstream": self.name,
+            "llm.breaker.state": self.breaker.state.name.lower(),
+            "llm.retries": 0,
+        }
+
+    def _annotate_success(self, span: Span, completion: Completion) -> None:
+        span.set_attributes(
+            {
+                "llm.outcome": "success",
+                "gen_ai.response.model": completion.model,
+                "gen_ai.response.finish_reasons": (completion.finish_reason,),
+                "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
+            }
+        )
 
     async def complete(self, request: ChatRequest) -> Completion:
+        tracer = current_tracer()
+        if tracer is None:
+            return await self._complete(request)
+        with tracer.start_as_current_span(
+            "llm.call",
+            attributes=self._span_attributes(request),
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                completion = await self._complete(request)
+            except Exception as exc:
+                record_error(span, exc)
+                _annotate_error(span, exc)
+                raise
+            self._annotate_success(span, completion)
+            return completion
+
+    async def _complete(self, request: ChatRequest) -> Completion:
         try:
             async with asyncio.timeout(self._policy.deadline):
                 async for attempt in self._retrying():
@@ -140,10 +198,30 @@ class ResilientUpstream:
             raise self._deadline_error() from None
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[CompletionDelta | Completion]:
+    def stream(self, request: ChatRequest) -> AsyncIterator[CompletionDelta | Completion]:
         """Retries apply until the first item arrives; after that a failure is final."""
+        items = self._stream(request)
+        tracer = current_tracer()
+        if tracer is None:
+            return items
+        return traced_iteration(
+            tracer,
+            "llm.call",
+            self._span_attributes(request),
+            items,
+            is_last=self._annotate_item,
+            on_error=_annotate_error,
+        )
+
+    def _annotate_item(self, span: Span, item: CompletionDelta | Completion) -> bool:
+        if isinstance(item, Completion):
+            self._annotate_success(span, item)
+            return True
+        return False
+
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[CompletionDelta | Completion]:
         if not isinstance(self._model, StreamingChatModel):
-            yield await self.complete(request)
+            yield await self._complete(request)
             return
         model = self._model
         iterator: AsyncIterator[CompletionDelta | Completion] | None = None
@@ -265,6 +343,12 @@ def _outcome(error: LLMError) -> str:
     if error.kind == "status":
         return f"http_{error.status_code}"
     return error.kind
+
+
+def _annotate_error(span: Span, error: Exception) -> None:
+    if isinstance(error, LLMError):
+        span.set_attribute("llm.outcome", _outcome(error))
+        span.set_attribute("error.type", _outcome(error))
 
 
 class FallbackChain:

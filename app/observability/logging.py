@@ -1,7 +1,10 @@
-"""Structured JSON logs with the request id on every line.
+"""Structured JSON logs with the request id on every line, and the trace ids when traced.
 
 The request id comes from asgi-correlation-id's context variable, so lines logged deep in
-the LLM client or the store carry it without being handed a logger adapter.
+the LLM client or the store carry it without being handed a logger adapter. The same goes for
+`trace_id` and `span_id` (hex, as tracing backends show them): they come from the current
+OpenTelemetry span, and a line logged outside any span (tracing off, or at startup) has
+neither key.
 """
 
 from __future__ import annotations
@@ -10,9 +13,21 @@ import logging
 import sys
 
 from asgi_correlation_id import CorrelationIdFilter
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 _HANDLER_NAME = "agentserve"
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds `trace_id` and `span_id` to records logged inside a span; nothing otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            record.trace_id = trace.format_trace_id(span_context.trace_id)
+            record.span_id = trace.format_span_id(span_context.span_id)
+        return True
 
 
 def configure_logging(level: str, *, json_lines: bool = True) -> None:
@@ -20,6 +35,7 @@ def configure_logging(level: str, *, json_lines: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(CorrelationIdFilter(uuid_length=None, default_value="-"))
+    handler.addFilter(TraceContextFilter())
     if json_lines:
         handler.setFormatter(
             JsonFormatter(

@@ -69,6 +69,13 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+def known_revisions() -> frozenset[str]:
+    """Every revision this code ships; a database at another one was migrated by a newer
+    release (during a rolling upgrade the old pods keep serving)."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
 def upgrade_to_head(database_url: str) -> None:
     """Run `alembic upgrade head` (blocking: call it in a thread from async code)."""
     from alembic import command

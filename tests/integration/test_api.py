@@ -386,6 +386,45 @@ async def test_ready_fails_when_migrations_are_behind(tmp_path: Path) -> None:
     assert ready.json()["checks"]["migrations"]["status"] == "fail"
 
 
+async def test_ready_tolerates_a_newer_schema(tmp_path: Path) -> None:
+    """A rolling upgrade migrates first; pods of the previous release must stay ready."""
+    from sqlalchemy import text
+
+    from app.storage.db import migrate
+    from tests.conftest import make_settings, running_app
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}"
+    await migrate(url)
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
+    await engine.dispose()
+    async with running_app(make_settings(database_url=url)) as (_, client):
+        ready = await client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["migrations"]["status"] == "degraded"
+
+
+async def test_an_unexpected_error_is_a_json_500_with_the_request_id(
+    app_factory: AppFactory,
+) -> None:
+    async with app_factory() as (app, client):
+
+        async def broken(_: object) -> None:
+            raise RuntimeError("boom: internal detail")
+
+        app.state.runtime.service.answer = broken
+        response = await client.post(
+            "/query", json={"message": "hi"}, headers={"X-Request-ID": "trace-500"}
+        )
+        metrics = (await client.get("/metrics")).text
+    error = assert_error_shape(response, 500, "internal_error")
+    assert error["request_id"] == "trace-500"
+    assert "boom" not in response.text  # no internals leak
+    assert response.headers["x-instance"]
+    assert 'status="5xx"' in metrics
+
+
 async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncClient) -> None:
     assert_error_shape(await client.get("/nope"), 404, "not_found")
     assert_error_shape(await client.get("/query"), 405, "method_not_allowed")

@@ -1,0 +1,303 @@
+"""OpenTelemetry tracing: off unless configured, app-scoped when on.
+
+**When.** Tracing is on when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (spans go to
+`<endpoint>/v1/traces` over OTLP/HTTP through a BatchSpanProcessor) or when a test hands
+`create_app` a `span_exporter`. Otherwise `Tracing.from_settings` returns None: no provider,
+no instrumentation, no middleware, and every span site in the code finds
+`current_tracer() is None` and goes straight to its work. An unconfigured service pays one
+ContextVar read per agent run, LLM call and tool call.
+
+**Whose provider.** `create_app` builds an SDK TracerProvider of its own (no processor yet, no
+thread, no atexit hook) and never installs it as OpenTelemetry's global provider, so two apps
+in one process (tests) never share spans. FastAPI is instrumented per app in `create_app`
+(its middleware must exist before startup, and it goes with the app); the lifespan attaches
+the span processors (`Tracing.start`) and flushes and shuts them down on exit
+(`Tracing.shutdown`).
+
+**How the code finds the tracer.** `Agent` and `ResilientUpstream` are built by the runtime
+and the gateway, which know nothing of tracing, so the tracer travels in a ContextVar that a
+small ASGI middleware (`TracerScope`, added only when tracing is on) sets for the duration of
+each HTTP request. Tasks started inside a request (the parallel tool calls, the cache's
+single flight) copy the context and see it too. Not a module global: two apps in one process
+would share it. Not set in the lifespan: the lifespan runs in a task of its own, and a
+variable set there is invisible to the tasks that serve requests. The ContextVar itself is
+a key, not a component: nothing is built at import.
+
+**Libraries.** httpx, Redis and SQLAlchemy are instrumented with their OpenTelemetry
+instrumentors in `Tracing.start`, with this app's provider. Their patches are class-level,
+process-wide (which is also how they reach the clients that components build inside, like
+the JWKS fetcher's and the `limits` storage's), so `Tracing.shutdown` removes them again,
+and an app only removes what it applied itself. One traced app per process is the design (a
+server process runs one app): while one app holds the patches, a second traced app in the
+same process leaves them alone, so its httpx and Redis spans go to the first app's provider
+and its SQL is not traced.
+
+**Async generators.** `traced_iteration` makes a span current only while the wrapped iterator
+runs (during each `anext`), never across a `yield` to the consumer: a context attached across
+a yield would leak into the consumer's code and fail to detach when the generator is closed
+from another task (an abandoned stream is closed by the garbage collector's hook).
+
+At load this module imports only the OpenTelemetry API and SDK and `app.config`: `agents/`
+and `llm/` use `current_tracer` and `traced_iteration` from it and never pull in FastAPI or
+the instrumentors, which load only when tracing is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
+
+from app import __version__
+from app.config import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TRACER_NAME = "agentserve"
+EXCLUDED_URLS = "/health$,/ready$,/metrics$"
+"""Probes and scrapes: a span each every few seconds would drown the traces that matter."""
+
+
+class Instrumentor(Protocol):
+    """What this module uses of OpenTelemetry's BaseInstrumentor (an untyped module)."""
+
+    @property
+    def is_instrumented_by_opentelemetry(self) -> bool: ...
+
+    def instrument(self, **kwargs: Any) -> Any: ...
+
+    def uninstrument(self, **kwargs: Any) -> Any: ...
+
+
+_current_tracer: ContextVar[Tracer | None] = ContextVar("agentserve_tracer", default=None)
+
+
+def current_tracer() -> Tracer | None:
+    """The tracer of the app serving this request; None when tracing is off (the fast path)."""
+    return _current_tracer.get()
+
+
+@contextmanager
+def activate(tracer: Tracer | None) -> Iterator[None]:
+    """Make `tracer` the current one in this context (the middleware's job; also for tests)."""
+    token = _current_tracer.set(tracer)
+    try:
+        yield
+    finally:
+        _current_tracer.reset(token)
+
+
+def record_error(span: Span, error: BaseException) -> None:
+    """ERROR status plus the exception as an event; `error.type` as OpenTelemetry names it."""
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.set_attribute("error.type", type(error).__qualname__)
+
+
+async def traced_iteration(
+    tracer: Tracer,
+    name: str,
+    attributes: Mapping[str, AttributeValue],
+    items: AsyncIterator[T],
+    *,
+    is_last: Callable[[Span, T], bool],
+    on_error: Callable[[Span, Exception], None] | None = None,
+) -> AsyncIterator[T]:
+    """Yield `items` inside a span that is current only while `items` runs.
+
+    The span starts at the first `anext`. `is_last(span, item)` may annotate the span and
+    says whether `item` is the final one: then the span ends before the item is handed on,
+    since consumers (`collect`) stop reading at the final item. An exception from `items`
+    marks the span ERROR (then `on_error` may add attributes of its own) and propagates.
+    """
+    span = tracer.start_span(name, attributes=attributes)
+    span_context = trace.set_span_in_context(span)
+    ended = False
+    try:
+        while True:
+            token = otel_context.attach(span_context)
+            try:
+                item = await anext(items, _DONE)
+            finally:
+                otel_context.detach(token)
+            if isinstance(item, _Done):
+                return
+            if is_last(span, item):
+                ended = True
+                span.end()
+            yield item
+    except Exception as exc:
+        if not ended:
+            record_error(span, exc)
+            if on_error is not None:
+                on_error(span, exc)
+        raise
+    finally:
+        if not ended:
+            span.end()
+        close = getattr(items, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class _Done:
+    """End-of-iteration sentinel (an item of its own type, so `anext` never confuses it)."""
+
+
+_DONE = _Done()
+
+
+class TracerScope:
+    """ASGI middleware: the app's tracer is current while a request is served.
+
+    Also puts the request id (X-Request-ID, from asgi-correlation-id, which runs outside
+    this middleware) on the server span, so a trace leads to the request's log lines.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        tracer: Tracer,
+        request_id: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.app = app
+        self.tracer = tracer
+        self.request_id = request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self.request_id()
+        if request_id:
+            trace.get_current_span().set_attribute("request.id", request_id)
+        token = _current_tracer.set(self.tracer)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _current_tracer.reset(token)
+
+
+def otlp_traces_endpoint(base: str) -> str:
+    """OTEL_EXPORTER_OTLP_ENDPOINT is the collector's base URL; OTLP/HTTP adds the path."""
+    return base.rstrip("/") + "/v1/traces"
+
+
+class Tracing:
+    """One app's tracing: its provider, its tracer, and what it instrumented."""
+
+    def __init__(
+        self,
+        provider: TracerProvider,
+        *,
+        otlp_endpoint: str | None = None,
+        span_exporter: SpanExporter | None = None,
+        redis: bool = False,
+    ) -> None:
+        self.provider = provider
+        self.tracer: Tracer = provider.get_tracer(TRACER_NAME, __version__)
+        self.otlp_endpoint = otlp_endpoint
+        self._span_exporter = span_exporter
+        self._redis = redis
+        self._processors: list[SpanProcessor] = []
+        self._instrumented: list[Instrumentor] = []
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, span_exporter: SpanExporter | None = None
+    ) -> Tracing | None:
+        """None (tracing off) unless an OTLP endpoint is configured or an exporter given."""
+        endpoint = settings.otel_exporter_otlp_endpoint or None
+        if endpoint is None and span_exporter is None:
+            return None
+        attributes: dict[str, AttributeValue] = {
+            "service.name": settings.otel_service_name,
+            "service.version": __version__,
+        }
+        if settings.instance_name:
+            attributes["service.instance.id"] = settings.instance_name
+        provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+        return cls(
+            provider,
+            otlp_endpoint=endpoint,
+            span_exporter=span_exporter,
+            redis=bool(settings.redis_url),
+        )
+
+    def instrument_app(self, app: FastAPI) -> None:
+        """In create_app, before startup: the server span and the tracer scope middleware."""
+        from asgi_correlation_id import correlation_id
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        app.add_middleware(TracerScope, tracer=self.tracer, request_id=correlation_id.get)
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=self.provider,
+            excluded_urls=EXCLUDED_URLS,
+            exclude_spans=["receive", "send"],
+        )
+
+    def start(self, engine: AsyncEngine) -> None:
+        """In the lifespan: span processors, then httpx, SQLAlchemy and Redis."""
+        if self._span_exporter is not None:
+            self._add_processor(SimpleSpanProcessor(self._span_exporter))
+        if self.otlp_endpoint is not None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=otlp_traces_endpoint(self.otlp_endpoint))
+            self._add_processor(BatchSpanProcessor(exporter))
+
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+        self._instrument(HTTPXClientInstrumentor())
+        # The instrumentor pins sqlalchemy < 2.1 but works with 2.1 (the integration test
+        # checks its spans), so its version check is skipped.
+        self._instrument(SQLAlchemyInstrumentor(), engine=engine.sync_engine, skip_dep_check=True)
+        if self._redis:
+            from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+            self._instrument(RedisInstrumentor())
+
+    def _add_processor(self, processor: SpanProcessor) -> None:
+        self.provider.add_span_processor(processor)
+        self._processors.append(processor)
+
+    def _instrument(self, instrumentor: Instrumentor, **options: Any) -> None:
+        if instrumentor.is_instrumented_by_opentelemetry:
+            logger.info(
+                "tracing: %s already applied elsewhere in this process; left as it is",
+                type(instrumentor).__name__,
+            )
+            return
+        instrumentor.instrument(tracer_provider=self.provider, **options)
+        self._instrumented.append(instrumentor)
+
+    async def shutdown(self) -> None:
+        """In the lifespan's exit: undo the patches, then flush and stop the exporters."""
+        while self._instrumented:
+            instrumentor = self._instrumented.pop()
+            if instrumentor.is_instrumented_by_opentelemetry:  # False if its version check failed
+                instrumentor.uninstrument()
+        if self._processors:
+            self._processors.clear()
+            # A batch flush is blocking network I/O: keep it off the event loop.
+            await asyncio.to_thread(self.provider.shutdown)
