@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.run-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: run test lint typecheck pytest install migrate simulate load clean
+.PHONY: run test lint typecheck pytest install migrate simulate load bench soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentserve needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -42,6 +42,13 @@ pytest: $(TEST_STAMP)
 ## make load: load test: LLM simulator upstream + service + locust (LOAD_USERS, LOAD_DURATION, ...)
 load: $(TEST_STAMP)
 	VENV=$(VENV) bash scripts/load.sh
+
+## make bench: wrk against a bare app, the I/O floor and the service (< 5 min); make soak: 5 min
+bench: $(TEST_STAMP)
+	$(BIN)/python bench/run.py
+
+soak: $(TEST_STAMP)
+	$(BIN)/python bench/soak.py
 
 migrate: $(RUN_STAMP)
 	$(BIN)/agentserve migrate

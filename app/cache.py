@@ -46,7 +46,9 @@ from cachetools import TLRUCache
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.config import Settings
@@ -182,10 +184,12 @@ def create_redis(settings: Settings) -> Redis:
 
 
 def create_cache_breaker(
-    *, open_seconds: float = 5.0, slow_call_seconds: float = 0.1
+    *, open_seconds: float = 5.0, slow_call_seconds: float = 60.0
 ) -> CircuitBreaker:
-    """The cache's breaker: last 10 calls, at least 5, opens at 50 % failures (or when every
-    call in the window took ``slow_call_seconds`` or more); 2 half-open probes."""
+    """The cache's breaker: last 10 calls, at least 5, opens at 50 % failures; 2 half-open
+    probes. Slow calls do not count by default: every call is already cut at twice the
+    socket timeout (then a failure), and a call that merely waited for a busy event loop says
+    nothing about Redis (counting those turned the cache off under load)."""
     return CircuitBreaker(
         "redis-cache",
         BreakerConfig(
@@ -272,6 +276,7 @@ class ResponseCache:
         self._op_timeout = socket_timeout * 2
         self._observer = observer
         self._flights: dict[str, _Flight] = {}
+        self._unlock_script: AsyncScript | None = None
         self._timer = time.monotonic
         self._memory: TLRUCache[str, _Entry] = TLRUCache(
             maxsize=max_entries, ttu=_entry_expiry, timer=self._timer
@@ -287,11 +292,7 @@ class ResponseCache:
             if redis.connection_pool.connection_kwargs.get("decode_responses"):
                 raise ValueError("the cache needs a Redis client with decode_responses=False")
             self.backend = "redis"
-            self._breaker = (
-                breaker
-                if breaker is not None
-                else create_cache_breaker(slow_call_seconds=socket_timeout)
-            )
+            self._breaker = breaker if breaker is not None else create_cache_breaker()
         self._state = self._breaker_state()
         self._notify("on_state", self._state)  # initializes the observer's gauge
 
@@ -306,10 +307,7 @@ class ResponseCache:
             max_entries=settings.cache_max_entries,
             lock_seconds=settings.cache_lock_seconds,
             socket_timeout=settings.redis_socket_timeout,
-            breaker=create_cache_breaker(
-                open_seconds=settings.cache_breaker_open_seconds,
-                slow_call_seconds=settings.redis_socket_timeout,
-            ),
+            breaker=create_cache_breaker(open_seconds=settings.cache_breaker_open_seconds),
             observer=observer,
         )
 
@@ -586,13 +584,16 @@ class ResponseCache:
             return None, None
 
     async def _unlock(self, key: str, token: str) -> None:
-        lock_key = self._lock_key(key)
-
-        async def unlock(client: Redis) -> None:
-            await client.eval(_UNLOCK_SCRIPT, 1, lock_key, token)
-
-        with contextlib.suppress(_UnavailableError):
-            await self._call("unlock", unlock)
+        """Release our lock even while the breaker is open: a lock left behind would make
+        every other request for this key wait for it to expire. Bounded, best effort."""
+        assert self._redis is not None
+        if self._unlock_script is None:
+            self._unlock_script = self._redis.register_script(_UNLOCK_SCRIPT)
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await self._unlock_script(keys=[self._lock_key(key)], args=[token])
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("unlock", exc)
 
     # -- backends ---------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ async def require_principal(
     return await runtime.verifier.authenticate(request.headers.get("authorization"))
 
 
-def client_ip(request: Request) -> str:
+async def client_ip(request: Request) -> str:
     """The peer address; X-Forwarded-For is honoured only from FORWARDED_ALLOW_IPS, by the
     proxy-headers middleware that rewrites the peer before this runs."""
     return request.client.host if request.client else "unknown"

@@ -40,7 +40,10 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
-        pool_pre_ping=True,
+        # No pre-ping: for asyncpg it costs BEGIN/;/ROLLBACK on every checkout. A connection
+        # that died with the server fails its request (503, Retry-After) and SQLAlchemy then
+        # discards the whole pool, so the next request reconnects.
+        pool_pre_ping=False,
         pool_recycle=1800,
     )
 

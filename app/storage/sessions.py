@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import orjson
 import sqlalchemy.exc
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -129,36 +129,43 @@ def trim_history(history: list[Message]) -> list[Message]:
 class SessionStore:
     def __init__(self, engine: AsyncEngine, *, history_limit: int) -> None:
         self._engine = engine
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._history_limit = history_limit
 
     async def load(
         self, session_id: uuid.UUID, *, with_history: bool = True
     ) -> SessionRecord | None:
-        """The session and its last `history_limit` messages (by index, oldest first)."""
-        async with _reachable(), self._engine.connect() as conn:
-            row = (
-                await conn.execute(select(_sessions).where(_sessions.c.id == session_id))
-            ).first()
-            if row is None:
-                return None
-            recent = (
-                []
-                if not with_history
-                else (
-                    await conn.execute(
-                        select(
-                            _messages.c.role,
-                            _messages.c.content,
-                            _messages.c.tool_calls,
-                            _messages.c.tool_call_id,
-                            _messages.c.name,
-                        )
-                        .where(_messages.c.session_id == session_id)
-                        .order_by(_messages.c.seq.desc())
-                        .limit(self._history_limit)
-                    )
-                ).all()
+        """The session and its last `history_limit` messages (oldest first), in ONE query.
+
+        Sequence numbers are dense (1..message_count), so the window is an index range:
+        `seq > message_count - limit`, whatever the session's length. Reads run in
+        autocommit mode: no BEGIN/ROLLBACK round trips for a single SELECT.
+        """
+        query = select(_sessions).where(_sessions.c.id == session_id)
+        if with_history:
+            window = and_(
+                _messages.c.session_id == _sessions.c.id,
+                _messages.c.seq > _sessions.c.message_count - self._history_limit,
             )
+            query = (
+                select(
+                    _sessions,
+                    _messages.c.role,
+                    _messages.c.content,
+                    _messages.c.tool_calls,
+                    _messages.c.tool_call_id,
+                    _messages.c.name,
+                )
+                .select_from(_sessions.outerjoin(_messages, window))
+                .where(_sessions.c.id == session_id)
+                .order_by(_messages.c.seq)
+            )
+        async with _reachable(), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return None
+        row = rows[0]
+        history = [_to_wire(r) for r in rows if r.role is not None] if with_history else []
         return SessionRecord(
             id=row.id,
             owner=row.owner,
@@ -168,7 +175,7 @@ class SessionStore:
             metadata=row.metadata or {},
             created_at=row.created_at,
             updated_at=row.updated_at,
-            history=trim_history([_to_wire(r) for r in reversed(recent)]),
+            history=trim_history(history),
         )
 
     async def save_turn(self, turn: Turn) -> None:
@@ -225,7 +232,7 @@ class SessionStore:
 
     async def list_sessions(self, owner: str, *, limit: int, offset: int) -> list[dict[str, Any]]:
         """The owner's sessions, most recently active first (index: owner, updated_at)."""
-        async with _reachable(), self._engine.connect() as conn:
+        async with _reachable(), self._reader.connect() as conn:
             result = await conn.execute(
                 select(
                     _sessions.c.id,
@@ -246,7 +253,7 @@ class SessionStore:
         self, session_id: uuid.UUID, *, limit: int, offset: int
     ) -> list[dict[str, Any]]:
         """Stored messages in conversation order, with their bookkeeping columns."""
-        async with _reachable(), self._engine.connect() as conn:
+        async with _reachable(), self._reader.connect() as conn:
             result = await conn.execute(
                 select(
                     _messages.c.seq,
@@ -268,7 +275,7 @@ class SessionStore:
             return [dict(row._mapping) for row in result]
 
     async def count_messages(self, session_id: uuid.UUID) -> int:
-        async with _reachable(), self._engine.connect() as conn:
+        async with _reachable(), self._reader.connect() as conn:
             result = await conn.execute(
                 select(func.count()).where(_messages.c.session_id == session_id)
             )

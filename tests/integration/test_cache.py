@@ -311,6 +311,23 @@ async def test_replica_computes_when_the_lock_holder_fails(make_cache: CacheFact
     assert working.calls == 1
 
 
+async def test_lock_is_released_even_when_the_breaker_opened_meanwhile(
+    make_cache: CacheFactory, raw_redis: Redis, redis_prefix: str
+) -> None:
+    """A lock left behind would stall every later request for the key until it expired."""
+    cache = await make_cache("redis", lock_seconds=30)
+    breaker = cache._breaker
+    assert breaker is not None
+
+    async def compute_while_redis_flaps() -> bytes:
+        for _ in range(10):  # the breaker sees failures from other requests and opens
+            breaker.record_failure(0.0)
+        return b"v"
+
+    assert await cache.get_or_compute("k", compute_while_redis_flaps, ttl=60) == (b"v", False)
+    assert await raw_redis.get(f"{redis_prefix}lock:k") is None
+
+
 async def test_foreign_lock_is_waited_for_at_most_lock_seconds(
     make_cache: CacheFactory, raw_redis: Redis, redis_prefix: str
 ) -> None:
