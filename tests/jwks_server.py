@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.threaded_server import serve_in_thread
+
 __all__ = [
     "JWKS_PATH",
     "JWKSServer",
@@ -46,8 +45,6 @@ __all__ = [
 ]
 
 JWKS_PATH = "/.well-known/jwks.json"
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -163,50 +160,13 @@ class JWKSServer:
 @contextlib.contextmanager
 def running_jwks_server(keys: list[dict[str, Any]] | None = None) -> Iterator[JWKSServer]:
     """Serve a JWKS on 127.0.0.1:<free port> for the duration of the block."""
-    host = "127.0.0.1"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        state = JWKSServer(host=host, port=port, keys=list(keys or []))
-        config = uvicorn.Config(
-            state.app(),
-            host=host,
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
+    holder: list[JWKSServer] = []
+
+    def make_app(port: int) -> Starlette:
+        holder.append(JWKSServer(host="127.0.0.1", port=port, keys=list(keys or [])))
+        return holder[0].app()
+
+    with serve_in_thread(make_app, "JWKS") as (server, _port):
+        state = holder[0]
         state.server = server
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                server.run(sockets=[sock])
-            except BaseException as exc:  # reported by the waiting thread
-                errors.append(exc)
-
-        thread = threading.Thread(target=run, name=f"jwks-{port}", daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not server.started:
-                if errors or not thread.is_alive():
-                    raise RuntimeError(f"JWKS server exited before starting: {errors!r}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"JWKS server did not start within {START_TIMEOUT:g}s")
-                time.sleep(0.005)
-            yield state
-        finally:
-            server.should_exit = True
-            thread.join(STOP_TIMEOUT)
-            if thread.is_alive():
-                server.force_exit = True
-                thread.join(STOP_TIMEOUT)
-            if thread.is_alive():
-                raise RuntimeError(f"JWKS server on {host}:{port} did not shut down")
-    finally:
-        sock.close()
+        yield state

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +28,9 @@ import httpx
 import uvicorn
 
 from app.llm.simulator import Simulator, SimulatorKnobs, create_app
+from tests.threaded_server import serve_in_thread
 
 __all__ = ["SimServer", "free_port", "running_simulator", "unused_port"]
-
-START_TIMEOUT = 10.0
-"""Seconds to wait for uvicorn to report `started`."""
-STOP_TIMEOUT = 5.0
-"""Seconds to wait for the server thread after asking it to exit (then it is forced)."""
 
 
 def free_port() -> int:
@@ -109,53 +103,5 @@ def running_simulator(
         simulator = Simulator(knobs)
     elif knobs is not None:
         simulator.knobs = knobs
-    host = "127.0.0.1"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(simulator),
-            host=host,
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            # Hung requests (knob `hang`) would otherwise hold the shutdown forever.
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                server.run(sockets=[sock])
-            except BaseException as exc:  # reported by the waiting thread
-                errors.append(exc)
-
-        thread = threading.Thread(target=run, name=f"simulator-{port}", daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not server.started:
-                if errors or not thread.is_alive():
-                    raise RuntimeError(
-                        f"simulator server on {host}:{port} exited before starting: {errors!r}"
-                    )
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"simulator server on {host}:{port} did not start within {START_TIMEOUT:g}s"
-                    )
-                time.sleep(0.005)
-            yield SimServer(simulator=simulator, host=host, port=port, server=server)
-        finally:
-            server.should_exit = True
-            thread.join(STOP_TIMEOUT)
-            if thread.is_alive():
-                server.force_exit = True
-                thread.join(STOP_TIMEOUT)
-            if thread.is_alive():
-                raise RuntimeError(f"simulator server on {host}:{port} did not shut down")
-    finally:
-        sock.close()
+    with serve_in_thread(lambda _port: create_app(simulator), "simulator") as (server, port):
+        yield SimServer(simulator=simulator, host="127.0.0.1", port=port, server=server)
