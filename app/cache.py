@@ -28,7 +28,6 @@ same answer concurrently; a replica that finds the lock taken polls for the valu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -329,29 +328,50 @@ class ResponseCache:
     ) -> None:
         """Store `value` for `ttl` seconds (ignored unless > 0), and index it under the
         session so `forget_session` can erase it. Never raises."""
+        await self._store(key, value, ttl, session_id, unlock_token=None)
+
+    async def _store(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float,
+        session_id: str | None,
+        *,
+        unlock_token: str | None,
+    ) -> bool:
+        """`set`, and with `unlock_token` also release our lock in the same round trip (the
+        value is written first, so waiting replicas find it). True when the lock went."""
         if not ttl > 0:
-            return
+            return False
         redis = self._redis
         if redis is None:
             self._memory_set(key, value, ttl, session_id)
-            return
+            return False
         ttl_ms = max(1, math.ceil(ttl * 1000))
         value_key = self._value_key(key)
 
         async def store(client: Redis) -> None:
-            if session_id is None:
+            if session_id is None and unlock_token is None:
                 await client.set(value_key, value, px=ttl_ms)
                 return
-            index_key = self._session_key(session_id)
             async with client.pipeline(transaction=False) as pipe:
                 pipe.set(value_key, value, px=ttl_ms)
-                pipe.sadd(index_key, key)
-                pipe.pexpire(index_key, ttl_ms, nx=True)  # a new index: give it an expiry
-                pipe.pexpire(index_key, ttl_ms, gt=True)  # else only ever lengthen it
+                if session_id is not None:
+                    index_key = self._session_key(session_id)
+                    pipe.sadd(index_key, key)
+                    pipe.pexpire(index_key, ttl_ms, nx=True)  # a new index: give it an expiry
+                    pipe.pexpire(index_key, ttl_ms, gt=True)  # else only ever lengthen it
+                if unlock_token is not None:
+                    # EVAL with the (short) text: EVALSHA in a pipeline makes redis-py add a
+                    # SCRIPT EXISTS round trip, which is what this folding saves.
+                    pipe.eval(_UNLOCK_SCRIPT, 1, self._lock_key(key), unlock_token)
                 await pipe.execute()
 
-        with contextlib.suppress(_UnavailableError):
+        try:
             await self._call("set", store)
+        except _UnavailableError:
+            return False
+        return unlock_token is not None
 
     async def forget_session(self, session_id: str) -> int:
         """Delete every entry indexed under the session, and the index; return how many
@@ -530,11 +550,14 @@ class ResponseCache:
                 return found, True
         try:
             value = await compute()
-            await self.set(key, value, ttl, session_id=session_id)  # before the lock goes
-            return value, False
-        finally:
+        except BaseException:
             if token is not None:
                 await self._unlock(key, token)
+            raise
+        released = await self._store(key, value, ttl, session_id, unlock_token=token)
+        if token is not None and not released:
+            await self._unlock(key, token)
+        return value, False
 
     async def _lock_or_wait(self, key: str) -> tuple[bytes | None, str | None]:
         """Cross-replica part of a flight: ``(value, None)`` when another replica supplied the
@@ -583,15 +606,19 @@ class ResponseCache:
         except _UnavailableError:
             return None, None
 
+    def _unlock_with(self) -> AsyncScript:
+        """The compare-and-delete script, registered once (EVALSHA, not the text each time)."""
+        if self._unlock_script is None:
+            assert self._redis is not None
+            self._unlock_script = self._redis.register_script(_UNLOCK_SCRIPT)
+        return self._unlock_script
+
     async def _unlock(self, key: str, token: str) -> None:
         """Release our lock even while the breaker is open: a lock left behind would make
         every other request for this key wait for it to expire. Bounded, best effort."""
-        assert self._redis is not None
-        if self._unlock_script is None:
-            self._unlock_script = self._redis.register_script(_UNLOCK_SCRIPT)
         try:
             async with asyncio.timeout(self._op_timeout):
-                await self._unlock_script(keys=[self._lock_key(key)], args=[token])
+                await self._unlock_with()(keys=[self._lock_key(key)], args=[token])
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("unlock", exc)
 

@@ -311,6 +311,18 @@ async def test_replica_computes_when_the_lock_holder_fails(make_cache: CacheFact
     assert working.calls == 1
 
 
+async def test_the_lock_goes_with_the_value(
+    make_cache: CacheFactory, raw_redis: Redis, redis_prefix: str
+) -> None:
+    cache = await make_cache("redis")
+    assert await cache.get_or_compute("k", Counter(b"v"), ttl=60, session_id="s") == (
+        b"v",
+        False,
+    )
+    assert await raw_redis.get(f"{redis_prefix}lock:k") is None
+    assert await raw_redis.get(f"{redis_prefix}cache:k") == b"v"
+
+
 async def test_lock_is_released_even_when_the_breaker_opened_meanwhile(
     make_cache: CacheFactory, raw_redis: Redis, redis_prefix: str
 ) -> None:
