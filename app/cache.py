@@ -554,7 +554,12 @@ class ResponseCache:
             if token is not None:
                 await self._unlock(key, token)
             raise
-        released = await self._store(key, value, ttl, session_id, unlock_token=token)
+        try:
+            released = await self._store(key, value, ttl, session_id, unlock_token=token)
+        except BaseException:  # cancelled mid-write: the lock must not outlive us
+            if token is not None:
+                await asyncio.shield(self._unlock(key, token))
+            raise
         if token is not None and not released:
             await self._unlock(key, token)
         return value, False

@@ -290,6 +290,8 @@ class QueryService:
             await self._store.save_turn(turn)
         except SessionBusyError:
             if not is_new and await self._store.load(session_id, with_history=False) is None:
+                if self._cache is not None:  # this turn's entry outlived the erasure
+                    await self._cache.forget_session(str(session_id))
                 raise SessionNotFoundError(
                     f"session {session_id} was deleted while this turn ran"
                 ) from None

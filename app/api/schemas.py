@@ -86,6 +86,12 @@ def _check_storable(value: JsonValue, where: str) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError(f"{where}: strings must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{where}: strings must be valid Unicode (no lone surrogates)"
+            ) from None
     elif isinstance(value, bool) or value is None:
         return
     elif isinstance(value, int):

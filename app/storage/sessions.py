@@ -44,12 +44,31 @@ _UNREACHABLE = (
 )
 
 
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+"""Connection exceptions, insufficient resources (too many connections), operator
+intervention (shutting down, starting up): the server, not the data."""
+
+
+def _server_side_unavailable(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(UNAVAILABLE_SQLSTATES):
+            return True
+    return False
+
+
 @asynccontextmanager
 async def _reachable() -> AsyncIterator[None]:
     try:
         yield
     except _UNREACHABLE as exc:
         raise DatabaseUnavailableError(repr(exc)[:300]) from exc
+    except sqlalchemy.exc.DBAPIError as exc:
+        if _server_side_unavailable(exc):
+            raise DatabaseUnavailableError(repr(exc)[:300]) from exc
+        raise
 
 
 def next_history_digest(previous: str, messages: Sequence[Message]) -> str:

@@ -283,6 +283,8 @@ async def test_request_deadline_is_504_and_stores_nothing(
         (b'{"message": "hi", "metadata": {"a": 1e400}}', "finite"),
         (b'{"message": "hi", "metadata": {"a": 100000000000000000000000000000}}', "64 bits"),
         (b'{"message": "hi", "metadata": {"k\\u0000": 1}}', "NUL"),
+        (b'{"message": "hi", "metadata": {"k": "\\udfff"}}', "surrogate"),
+        (b'{"message": "hi", "metadata": {"\\ud800": 1}}', "surrogate"),
     ],
 )
 async def test_values_no_database_can_store_are_422(
@@ -314,6 +316,24 @@ async def test_database_down_is_503_with_retry_after(tmp_path: Path) -> None:
     assert_error_shape(continued, 503, "database_unavailable")
     assert int(response.headers["retry-after"]) >= 1
     assert ready.status_code == 503
+
+
+async def test_a_session_deleted_by_another_replica_mid_turn_leaves_no_cache_entry(
+    app_factory: AppFactory,
+) -> None:
+    async with app_factory(sim_latency_ms=400) as (app, client):
+        runtime = app.state.runtime
+        sid = (await client.post("/query", json={"message": "start"})).json()["session_id"]
+        turn = asyncio.create_task(
+            client.post("/query", json={"message": "more", "session_id": sid})
+        )
+        await asyncio.sleep(0.15)
+        # another replica erases it: rows and cache entries, without this one knowing
+        await runtime.store.delete(uuid.UUID(sid))
+        await runtime.cache.forget_session(sid)
+        response = await turn
+        assert_error_shape(response, 404, "session_not_found")
+        assert await runtime.cache.forget_session(sid) == 0  # the turn's entry went too
 
 
 async def test_deleting_a_busy_session_is_409(app_factory: AppFactory) -> None:

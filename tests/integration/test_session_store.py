@@ -176,3 +176,23 @@ async def test_what_a_model_may_send_is_stored(engine: AsyncEngine) -> None:
     assert record.history[2]["name"] == name
     assert record.history[2]["tool_call_id"] == call_id
     assert record.history[3]["content"] == "nul \ufffd inside"
+
+
+class _FakePgError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "unavailable"),
+    [("53300", True), ("57P03", True), ("08006", True), ("23505", False), ("22P02", False)],
+)
+def test_server_side_refusals_count_as_unavailable(sqlstate: str, unavailable: bool) -> None:
+    """too many connections / starting up / connection failure: the server, not the data."""
+    import sqlalchemy.exc
+
+    from app.storage.sessions import _server_side_unavailable
+
+    error = sqlalchemy.exc.DBAPIError("SELECT 1", None, _FakePgError(sqlstate))
+    assert _server_side_unavailable(error) is unavailable
