@@ -20,7 +20,7 @@ from app.agents.agent import Agent, AgentResult, StepRecord, collect
 from app.agents.pool import AgentPool
 from app.agents.spec import AgentSpec
 from app.cache import ResponseCache, cache_key
-from app.llm.types import Message, Usage
+from app.llm.types import Usage
 from app.storage.sessions import SessionBusyError, SessionStore, StoredMessage, Turn
 
 
@@ -93,59 +93,34 @@ class QueryOutput:
     latency_ms: float
 
 
-@dataclass(slots=True)
-class _Answer:
-    """What a turn produced, in the form that is cached and stored."""
+def encode_result(result: AgentResult) -> bytes:
+    """A finished turn as the cache stores it (compact JSON, no pydantic on the hot path)."""
+    return orjson.dumps(
+        {
+            "answer": result.answer,
+            "model": result.model,
+            "usage": [result.usage.prompt_tokens, result.usage.completion_tokens],
+            "steps": [
+                [s.tool, s.arguments, s.result, s.is_error, s.duration_ms] for s in result.steps
+            ],
+            "finish_reason": result.finish_reason,
+            "messages": result.messages,
+            "message_usage": [[u.prompt_tokens, u.completion_tokens] for u in result.message_usage],
+        }
+    )
 
-    answer: str
-    model: str
-    usage: Usage
-    steps: list[StepRecord]
-    finish_reason: str
-    messages: list[Message]
-    message_usage: list[Usage]
 
-    def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "answer": self.answer,
-                "model": self.model,
-                "usage": [self.usage.prompt_tokens, self.usage.completion_tokens],
-                "steps": [
-                    [s.tool, s.arguments, s.result, s.is_error, s.duration_ms] for s in self.steps
-                ],
-                "finish_reason": self.finish_reason,
-                "messages": self.messages,
-                "message_usage": [
-                    [u.prompt_tokens, u.completion_tokens] for u in self.message_usage
-                ],
-            }
-        )
-
-    @classmethod
-    def decode(cls, raw: bytes) -> _Answer:
-        data = orjson.loads(raw)
-        return cls(
-            answer=data["answer"],
-            model=data["model"],
-            usage=Usage(*data["usage"]),
-            steps=[StepRecord(*step) for step in data["steps"]],
-            finish_reason=data["finish_reason"],
-            messages=data["messages"],
-            message_usage=[Usage(*u) for u in data["message_usage"]],
-        )
-
-    @classmethod
-    def from_result(cls, result: AgentResult) -> _Answer:
-        return cls(
-            answer=result.answer,
-            model=result.model,
-            usage=result.usage,
-            steps=result.steps,
-            finish_reason=result.finish_reason,
-            messages=result.messages,
-            message_usage=result.message_usage,
-        )
+def decode_result(raw: bytes) -> AgentResult:
+    data = orjson.loads(raw)
+    return AgentResult(
+        answer=data["answer"],
+        model=data["model"],
+        usage=Usage(*data["usage"]),
+        steps=[StepRecord(*step) for step in data["steps"]],
+        finish_reason=data["finish_reason"],
+        messages=data["messages"],
+        message_usage=[Usage(*u) for u in data["message_usage"]],
+    )
 
 
 class QueryService:
@@ -215,7 +190,7 @@ class QueryService:
             async def run_agent() -> bytes:
                 async with pool.lease() as agent:
                     result = await collect(agent.run(history, query.message))
-                return _Answer.from_result(result).encode()
+                return encode_result(result)
 
             if self._cache is None:
                 raw, hit = await run_agent(), False
@@ -234,7 +209,7 @@ class QueryService:
                     write=query.cache.write,
                     session_id=str(session_id),
                 )
-            answer = _Answer.decode(raw)
+            answer = decode_result(raw)
             await self._save(query, spec, session_id, is_new, expected, digest, answer, hit)
         finally:
             self._busy.discard(session_id)
@@ -266,7 +241,7 @@ class QueryService:
         is_new: bool,
         expected: int,
         digest: str,
-        answer: _Answer,
+        answer: AgentResult,
         hit: bool,
     ) -> None:
         stored = [StoredMessage({"role": "user", "content": query.message})]

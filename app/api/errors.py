@@ -50,16 +50,26 @@ HTTP_CODES = {
 }
 
 
-ERROR_SHAPE: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        401: "Missing or invalid bearer token",
-        403: "Token lacks the required scope",
+def documented_errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the statuses a route may answer, all in the error shape."""
+    return {
+        status: {"model": ErrorResponse, "description": description}
+        for status, description in descriptions.items()
+    }
+
+
+AUTH_ERRORS = {
+    401: "Missing or invalid bearer token",
+    403: "Token lacks the required scope or the agent",
+}
+SESSIONS_ERRORS = documented_errors(
+    {
+        **AUTH_ERRORS,
         404: "Not found (or not yours)",
         422: "Invalid parameters",
         429: "Too many requests",
-    }.items()
-}
+    }
+)
 
 
 class APIError(Exception):

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Body, Header, Request
 from starlette.responses import Response
 
 from app.api.deps import RuntimeDep
-from app.api.errors import APIError
+from app.api.errors import AUTH_ERRORS, APIError, documented_errors
 from app.api.responses import JSON
-from app.api.schemas import QUERY_EXAMPLES, ErrorResponse, QueryRequest, QueryResponse
+from app.api.schemas import QUERY_EXAMPLES, QueryRequest, QueryResponse
 from app.api.security import ClientIPDep, PrincipalDep
 from app.config import Settings
 from app.runtime import Runtime
@@ -22,23 +22,17 @@ from app.service import CachePolicy, QueryInput, QueryOutput
 
 router = APIRouter(tags=["query"])
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        404: "Unknown agent or session",
-        409: "The session is answering another request",
-        413: "Body too large",
-        422: "Invalid body",
-        429: "Too many requests (see Retry-After and RateLimit-* headers)",
-        503: "No agent free in time, or no LLM upstream can answer (see Retry-After)",
-        504: "The request deadline was reached",
-    }.items()
+QUERY_ERRORS = {
+    404: "Unknown agent or session",
+    409: "The session is answering another request",
+    413: "Body too large",
+    422: "Invalid body",
+    429: "Too many requests (see Retry-After and RateLimit-* headers)",
+    503: "No agent free in time, or no LLM upstream can answer (see Retry-After)",
+    504: "The request deadline was reached",
 }
-SECURE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERROR_RESPONSES,
-    401: {"model": ErrorResponse, "description": "Missing or invalid bearer token"},
-    403: {"model": ErrorResponse, "description": "Token lacks the scope or the agent"},
-}
+ERROR_RESPONSES = documented_errors(QUERY_ERRORS)
+SECURE_ERROR_RESPONSES = documented_errors({**QUERY_ERRORS, **AUTH_ERRORS})
 
 CacheControl = Annotated[
     str | None,

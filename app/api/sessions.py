@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from app.api.deps import RuntimeDep
-from app.api.errors import ERROR_SHAPE
+from app.api.errors import SESSIONS_ERRORS
 from app.api.responses import JSON
 from app.api.schemas import SessionDetail, SessionPage
 from app.api.security import PrincipalDep
@@ -18,7 +18,7 @@ from app.security.jwt import Principal
 from app.security.ratelimit import rate_limit_headers
 from app.service import SessionNotFoundError
 
-router = APIRouter(prefix="/sessions", tags=["sessions"], responses=ERROR_SHAPE)
+router = APIRouter(prefix="/sessions", tags=["sessions"], responses=SESSIONS_ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size.")]
 Offset = Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")]
