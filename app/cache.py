@@ -87,6 +87,20 @@ end
 return 0
 """
 
+_PEEK_OR_LOCK_SCRIPT = """
+local value = redis.call('get', KEYS[1])
+if value then
+    return {value, 0}
+end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {false, 1}
+end
+return {false, 0}
+"""
+"""The value if there is one; else take the lock if it is free. One round trip serves a hit,
+and a miss needs no separate lookup before its lock (the GET also closes the race with a
+replica that has just stored the value)."""
+
 _FORGET_BATCH = 512
 
 
@@ -275,7 +289,7 @@ class ResponseCache:
         self._op_timeout = socket_timeout * 2
         self._observer = observer
         self._flights: dict[str, _Flight] = {}
-        self._unlock_script: AsyncScript | None = None
+        self._scripts: dict[str, AsyncScript] = {}
         self._timer = time.monotonic
         self._memory: TLRUCache[str, _Entry] = TLRUCache(
             maxsize=max_entries, ttu=_entry_expiry, timer=self._timer
@@ -427,9 +441,11 @@ class ResponseCache:
         * ``write=False`` (no-store): may use a cached value or join a flight, but its own
           result is computed privately (never shared with concurrent callers) and not stored.
         * Otherwise single flight (see the module docstring); followers get ``hit=True``.
-          An exception from compute reaches every waiter and nothing is stored. When the
-          lookup just failed, the cross-replica lock is skipped (Redis is likely down: do
-          not spend another socket timeout on it).
+          An exception from compute reaches every waiter and nothing is stored. With Redis,
+          the flight's first round trip is one script that returns the value or takes the
+          cross-replica lock (a hit and a miss each cost one call before compute); when it
+          fails, compute runs unlocked (Redis is likely down: do not spend another socket
+          timeout on it).
 
         The observer sees one lookup per call with ``read=True``, with the returned `hit`
         (a miss if compute raised).
@@ -439,6 +455,11 @@ class ResponseCache:
         try:
             if read:
                 flight = self._live_flight(key)
+                if flight is None and write and self._redis is not None:
+                    # Lead a flight at once: its first round trip looks up and locks together.
+                    flight = self._start_flight(key, compute, ttl, session_id, lock=True)
+                    value, hit = await self._follow(flight)
+                    return value, hit
                 if flight is None:
                     cached, redis_ok = await self._lookup(key)
                     if cached is not None:
@@ -575,11 +596,10 @@ class ResponseCache:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._lock_seconds
 
+        peek_or_lock = self._script("peek_or_lock", _PEEK_OR_LOCK_SCRIPT)
+
         async def lock_and_peek(client: Redis) -> tuple[bool, bytes | None]:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.set(lock_key, token, nx=True, px=lock_ms)
-                pipe.get(value_key)  # closes the race with a replica that just finished
-                acquired, value = await pipe.execute()
+            value, acquired = await peek_or_lock(keys=[value_key, lock_key], args=[token, lock_ms])
             return bool(acquired), value
 
         async def peek(client: Redis) -> tuple[bytes | None, bool]:
@@ -593,8 +613,6 @@ class ResponseCache:
             while True:
                 acquired, value = await self._call("lock", lock_and_peek)
                 if value is not None:
-                    if acquired:
-                        await self._unlock(key, token)
                     return value, None
                 if acquired:
                     return None, token
@@ -611,19 +629,21 @@ class ResponseCache:
         except _UnavailableError:
             return None, None
 
-    def _unlock_with(self) -> AsyncScript:
-        """The compare-and-delete script, registered once (EVALSHA, not the text each time)."""
-        if self._unlock_script is None:
+    def _script(self, name: str, text: str) -> AsyncScript:
+        """A Lua script, registered once (EVALSHA, not the text each time)."""
+        script = self._scripts.get(name)
+        if script is None:
             assert self._redis is not None
-            self._unlock_script = self._redis.register_script(_UNLOCK_SCRIPT)
-        return self._unlock_script
+            script = self._scripts[name] = self._redis.register_script(text)
+        return script
 
     async def _unlock(self, key: str, token: str) -> None:
         """Release our lock even while the breaker is open: a lock left behind would make
         every other request for this key wait for it to expire. Bounded, best effort."""
         try:
             async with asyncio.timeout(self._op_timeout):
-                await self._unlock_with()(keys=[self._lock_key(key)], args=[token])
+                unlock = self._script("unlock", _UNLOCK_SCRIPT)
+                await unlock(keys=[self._lock_key(key)], args=[token])
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("unlock", exc)
 

@@ -22,7 +22,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from app import __version__
 from app.api import ops, query, sessions
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodySizeLimit, InstanceHeader, UnhandledErrors
+from app.api.middleware import RequestEnvelope
 from app.config import Settings
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
@@ -96,15 +96,19 @@ def create_app(
     app.include_router(sessions.router)
     app.include_router(ops.router)
 
-    app.add_middleware(UnhandledErrors)  # inside everything below, so 500s get their headers
+    # Inside the metrics and request-id middleware, so 413s and 500s are counted and carry
+    # X-Request-ID.
+    app.add_middleware(
+        RequestEnvelope,
+        instance=settings.instance_name or socket.gethostname(),
+        max_body_bytes=settings.max_body_bytes,
+    )
     Instrumentator(
         registry=app.state.metrics.registry,
         excluded_handlers=["/metrics", "/health", "/ready"],
     ).instrument(app, metric_namespace="agentserve").expose(
         app, endpoint="/metrics", include_in_schema=True, tags=["operations"]
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(InstanceHeader, instance=settings.instance_name or socket.gethostname())
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name="X-Request-ID",

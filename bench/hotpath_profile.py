@@ -150,10 +150,8 @@ STEPS: list[tuple[tuple[str, ...], str]] = [
         (
             "CorrelationIdMiddleware",
             "PrometheusInstrumentatorMiddleware",
-            "InstanceHeader",
-            "BodySizeLimit",
+            "RequestEnvelope",
             "ProxyHeadersMiddleware",
-            "UnhandledErrors",
             "ExceptionMiddleware",
             "ServerErrorMiddleware",
             "AsyncExitStackMiddleware",

@@ -1,11 +1,11 @@
-"""Pure ASGI middleware (BaseHTTPMiddleware costs a task and a copy per request)."""
+"""The service's own ASGI middleware: one pure-ASGI layer (BaseHTTPMiddleware costs a task
+and a copy per request, and every extra layer a call and a wrapped send/receive per message).
+"""
 
 from __future__ import annotations
 
 import logging
 
-import orjson
-from asgi_correlation_id import correlation_id
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,112 +14,77 @@ from app.api.errors import error_response
 logger = logging.getLogger(__name__)
 
 
-class UnhandledErrors:
-    """An unexpected exception becomes the JSON 500 here, inside the other middleware, so the
-    answer still carries X-Request-ID and X-Instance and is counted in the HTTP metrics
-    (Starlette's own handler sits outside all of them)."""
+class RequestEnvelope:
+    """What every HTTP answer of this service gets, in one layer:
 
-    def __init__(self, app: ASGIApp) -> None:
+    * **X-Instance**: the replica that answered (load-balancer debugging, stack tests);
+    * **a body limit**: 413 for bodies over `max_bytes`, by Content-Length up front or while
+      a chunked body is read (the route's body parsing then fails with the same 413).
+      Hand-written: Starlette has no body limit and uvicorn only bounds headers;
+    * **the JSON 500**: an unexpected exception becomes the error shape here, inside the
+      request-id and metrics middleware, so it still carries X-Request-ID and is counted
+      (Starlette's own handler sits outside all of them).
+
+    One class rather than three: the three used to be separate layers, and merging them took
+    their per-message wrapping off the hot path (docs/performance.md).
+    """
+
+    def __init__(self, app: ASGIApp, *, instance: str, max_body_bytes: int) -> None:
         self.app = app
+        self.instance_header = (b"x-instance", instance.encode("latin-1", "replace"))
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = False
+        instance_header = self.instance_header
 
-        async def tracking_send(message: Message) -> None:
+        async def send_with_instance(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message["headers"] = [*message.get("headers", ()), instance_header]
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            if self._declared_too_large(scope):
+                await self._too_large()(scope, receive, send_with_instance)
+                return
+            await self.app(scope, self._limited(receive), send_with_instance)
         except Exception:
             if started:  # too late for a clean answer; let the server close the connection
                 raise
             logger.exception("unhandled error")
             response = error_response(500, "internal_error", "an unexpected error occurred")
-            await response(scope, receive, send)
+            await response(scope, receive, send_with_instance)
 
-
-class InstanceHeader:
-    """Name the replica that answered (X-Instance): load-balancer debugging, stack tests."""
-
-    def __init__(self, app: ASGIApp, *, instance: str) -> None:
-        self.app = app
-        self.header = (b"x-instance", instance.encode("latin-1", "replace"))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_instance(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), self.header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_instance)
-
-
-class BodySizeLimit:
-    """413 for bodies over `max_bytes`: by Content-Length up front, or while a chunked body
-    is read (the route's body parsing then fails with the same 413).
-
-    Hand-written: Starlette has no body limit and uvicorn only bounds headers.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def _declared_too_large(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_bytes:
-                    await self._reject(send)
-                    return
-                break
+                return bool(value.isdigit() and int(value) > self.max_body_bytes)
+        return False
+
+    def _limited(self, receive: Receive) -> Receive:
         received = 0
+        limit = self.max_body_bytes
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise HTTPException(413, self._message())
             return message
 
-        await self.app(scope, limited_receive, send)
+        return limited_receive
 
     def _message(self) -> str:
-        return f"request body exceeds {self.max_bytes} bytes"
+        return f"request body exceeds {self.max_body_bytes} bytes"
 
-    async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(
-            {
-                "error": {
-                    "code": "payload_too_large",
-                    "message": self._message(),
-                    "request_id": correlation_id.get() or "-",
-                }
-            }
+    def _too_large(self) -> ASGIApp:
+        return error_response(
+            413, "payload_too_large", self._message(), headers={"Connection": "close"}
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})

@@ -192,8 +192,14 @@ async def test_malformed_json_is_422(client: httpx.AsyncClient) -> None:
 
 async def test_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
     big = {"message": "hi", "metadata": {"blob": "z" * 70_000}}
-    response = await client.post("/query", json=big)
-    assert_error_shape(response, 413, "payload_too_large")
+    response = await client.post("/query", json=big, headers={"X-Request-ID": "too-big-1"})
+    error = assert_error_shape(response, 413, "payload_too_large")
+    assert error["request_id"] == "too-big-1"
+    assert response.headers["x-request-id"] == "too-big-1"
+    assert response.headers["x-instance"]
+    assert response.headers["connection"] == "close"
+    metrics = (await client.get("/metrics")).text
+    assert 'handler="/query",method="POST",status="4xx"' in metrics
 
 
 async def test_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:

@@ -7,7 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -297,6 +297,41 @@ async def test_single_flight_across_replicas(
     assert await raw_redis.exists(f"{redis_prefix}lock:k") == 0  # released
 
 
+async def test_one_round_trip_looks_up_and_locks(
+    make_cache: CacheFactory, raw_redis: Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hit is one script call and takes no lock; a miss holds the lock while it computes."""
+    cache = await make_cache("redis")
+    await raw_redis.set(f"{redis_prefix}cache:hit", b"stored")
+    commands: list[str] = []
+    client = cast(Redis, cache._redis)
+    original: Callable[..., Awaitable[Any]] = client.execute_command
+
+    async def recording(*args: Any, **options: Any) -> Any:
+        commands.append(str(args[0]))
+        return await original(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", recording)
+    compute = Counter(b"unused")
+    assert await cache.get_or_compute("hit", compute, ttl=60) == (b"stored", True)
+    assert compute.calls == 0
+    assert commands == ["EVALSHA"]
+    assert await raw_redis.exists(f"{redis_prefix}lock:hit") == 0
+
+    locked_during_compute: list[int] = []
+
+    async def observe_lock() -> bytes:
+        locked_during_compute.append(await raw_redis.exists(f"{redis_prefix}lock:miss"))
+        return b"fresh"
+
+    commands.clear()
+    assert await cache.get_or_compute("miss", observe_lock, ttl=60) == (b"fresh", False)
+    assert locked_during_compute == [1]
+    assert commands == ["EVALSHA"]  # the store and unlock go through one pipeline
+    assert await raw_redis.exists(f"{redis_prefix}lock:miss") == 0
+    assert await raw_redis.get(f"{redis_prefix}cache:miss") == b"fresh"
+
+
 async def test_replica_computes_when_the_lock_holder_fails(make_cache: CacheFactory) -> None:
     one, two = await make_cache("redis"), await make_cache("redis")
     failing = Counter(delay=0.1, error=RuntimeError("boom"))
@@ -456,13 +491,13 @@ async def test_redis_unavailable(
     ]
     assert [result for result, _ in outcomes] == [None, None, (b"computed", False)]
     assert all(elapsed < 0.3 for _, elapsed in outcomes), outcomes
-    # get_or_compute: its lookup failed, so no lock; it computes and tries to store
-    assert observer.errors == ["get", "set", "get", "set"]
+    # get_or_compute: its lookup-and-lock failed; it computes unlocked and tries to store
+    assert observer.errors == ["get", "set", "lock", "set"]
     assert observer.states == ["ok"]
     result, elapsed = await timed(cache.get("k"))  # the fifth failure opens the breaker
     assert result is None
     assert elapsed < 0.3
-    assert observer.errors == ["get", "set", "get", "set", "get"]
+    assert observer.errors == ["get", "set", "lock", "set", "get"]
     assert observer.states == ["ok", "degraded"]
     status = cache.status()
     assert status["state"] == "degraded"
@@ -481,7 +516,7 @@ async def test_redis_unavailable(
         assert time.monotonic() - started < 0.05
     assert compute.calls == 10
     assert CountingConnection.attempts == attempts
-    assert observer.errors == ["get", "set", "get", "set", "get"]
+    assert observer.errors == ["get", "set", "lock", "set", "get"]
 
 
 async def test_outage_and_recovery(make_cache: CacheFactory) -> None:
