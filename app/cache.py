@@ -175,10 +175,17 @@ class CacheObserver(Protocol):
 def create_redis(settings: Settings) -> Redis:
     """The shared Redis client: fail fast, never retry, bounded pool.
 
-    socket (connect) timeout = ``redis_socket_timeout``, ``Retry(NoBackoff(), 0)``. The pool
-    is a BlockingConnectionPool of ``redis_max_connections`` that waits at most the socket
-    timeout for a free connection: the plain pool raises "Too many connections" at once
-    under a burst, which the cache's breaker would mistake for an outage.
+    Connect timeout = ``redis_socket_timeout``, ``Retry(NoBackoff(), 0)``. The pool is a
+    BlockingConnectionPool of ``redis_max_connections`` that waits at most the socket timeout
+    for a free connection: the plain pool raises "Too many connections" at once under a
+    burst, which the cache's breaker would mistake for an outage.
+
+    No socket (read/write) timeout inside redis-py: every caller bounds each whole operation
+    with ``asyncio.timeout`` instead (the cache's ``_call``, the limiter). redis-py's own
+    timeout wraps every write in ``asyncio.wait_for`` - a task per command on Python 3.11 -
+    and every read in another timeout: a measurable share of a request's CPU for a bound the
+    callers already set. A cancelled read disconnects the connection, so no stale reply is
+    read by the next command.
     The caller owns the client and closes it (``await client.aclose()`` closes the pool).
     """
     if not settings.redis_url:
@@ -188,7 +195,7 @@ def create_redis(settings: Settings) -> Redis:
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=timeout,
-        socket_timeout=timeout,
+        socket_timeout=None,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=HEALTH_CHECK_INTERVAL,
@@ -200,7 +207,7 @@ def create_cache_breaker(
     *, open_seconds: float = 5.0, slow_call_seconds: float = 60.0
 ) -> CircuitBreaker:
     """The cache's breaker: last 10 calls, at least 5, opens at 50 % failures; 2 half-open
-    probes. Slow calls do not count by default: every call is already cut at twice the
+    probes. Slow calls do not count by default: every call is already cut at the
     socket timeout (then a failure), and a call that merely waited for a busy event loop says
     nothing about Redis (counting those turned the cache off under load)."""
     return CircuitBreaker(
@@ -286,7 +293,7 @@ class ResponseCache:
         self._max_entries = max_entries
         self._lock_seconds = lock_seconds
         self._socket_timeout = socket_timeout
-        self._op_timeout = socket_timeout * 2
+        self._op_timeout = socket_timeout  # the whole operation: pool wait, connect, command
         self._observer = observer
         self._flights: dict[str, _Flight] = {}
         self._scripts: dict[str, AsyncScript] = {}
