@@ -2,7 +2,9 @@
 
 Core statements over the ORM tables (no identity map): a turn is a handful of rows and
 this is the hot path. A connection is held only inside `load` and `save_turn`, never while
-an agent waits for the LLM.
+an agent waits for the LLM. On Postgres (asyncpg), `load` and `save_turn` run hand-written
+SQL on the pooled asyncpg connection instead (app/storage/postgres_turns.py: SQLAlchemy's
+async layer cost more CPU per turn than the statements); the rest stays on Core.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import sqlalchemy.exc
@@ -23,6 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.llm.types import Message
 from app.storage.models import ChatMessage, ChatSession
+
+if TYPE_CHECKING:
+    from app.storage.postgres_turns import PostgresTurns
 
 _messages = cast(Table, ChatMessage.__table__)
 _sessions = cast(Table, ChatSession.__table__)
@@ -146,10 +151,23 @@ def trim_history(history: list[Message]) -> list[Message]:
 
 
 class SessionStore:
-    def __init__(self, engine: AsyncEngine, *, history_limit: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, history_limit: int, asyncpg_fast_path: bool = True
+    ) -> None:
+        """`asyncpg_fast_path=False` keeps Postgres on SQLAlchemy Core too (the tests compare
+        both paths); SQLite and other drivers always use Core."""
         self._engine = engine
         self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._history_limit = history_limit
+        self._postgres: PostgresTurns | None = None
+        if asyncpg_fast_path and engine.dialect.driver == "asyncpg":
+            from app.storage.postgres_turns import PostgresTurns  # imports this module
+
+            self._postgres = PostgresTurns(engine)
+
+    def _fast_path(self) -> PostgresTurns | None:
+        postgres = self._postgres
+        return None if postgres is None or postgres.observed() else postgres
 
     async def load(
         self, session_id: uuid.UUID, *, with_history: bool = True
@@ -160,6 +178,11 @@ class SessionStore:
         `seq > message_count - limit`, whatever the session's length. Reads run in
         autocommit mode: no BEGIN/ROLLBACK round trips for a single SELECT.
         """
+        postgres = self._fast_path()
+        if postgres is not None:
+            return await postgres.load(
+                session_id, history_limit=self._history_limit, with_history=with_history
+            )
         query = select(_sessions).where(_sessions.c.id == session_id)
         if with_history:
             window = and_(
@@ -200,6 +223,11 @@ class SessionStore:
     async def save_turn(self, turn: Turn) -> None:
         """Write the whole turn in one transaction, or nothing (SessionBusyError)."""
         now = datetime.now(UTC)
+        digest = next_history_digest(turn.previous_digest, [s.message for s in turn.messages])
+        postgres = self._fast_path()
+        if postgres is not None:
+            await postgres.save_turn(turn, digest=digest, now=now)
+            return
         first_seq = turn.expected_count + 1
         rows = [
             {
@@ -218,7 +246,6 @@ class SessionStore:
             for offset, stored in enumerate(turn.messages)
         ]
         new_count = turn.expected_count + len(rows)
-        digest = next_history_digest(turn.previous_digest, [s.message for s in turn.messages])
         try:
             async with _reachable(), self._engine.begin() as conn:
                 if turn.is_new:
