@@ -121,8 +121,7 @@ async def run_query(
     allowed_agents: frozenset[str] | None = None,
 ) -> Response:
     settings = runtime.settings
-    validate_limits(body, settings)
-    limit_state = await runtime.limiter.hit(scope, identity, rate)
+    validate_limits(body, settings)  # before counting: a refused body costs no budget
     request_id = correlation_id.get() or "-"
     query = QueryInput(
         message=body.message,
@@ -134,7 +133,8 @@ async def run_query(
         request_id=request_id,
         cache=cache_policy(body, directives),
     )
-    async with runtime.limiter.concurrency(scope, identity, max_in_flight):
+    # One Redis round trip counts the request and takes its slot; the slot goes back after.
+    async with runtime.limiter.admit(scope, identity, rate, max_in_flight) as limit_state:
         try:
             async with asyncio.timeout(settings.request_timeout) as deadline:
                 output = await runtime.service.answer(query)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -20,6 +21,9 @@ from app.security.ratelimit import (
 )
 
 LimiterFactory = Callable[..., RateLimiter]
+UntilHeld = Callable[..., Awaitable[None]]
+PLENTY = "100000/hour"
+"""A rate no test reaches, for the tests of the concurrency limit."""
 
 
 @pytest.fixture
@@ -47,6 +51,30 @@ async def make_limiter(redis_url: str, redis_prefix: str) -> AsyncIterator[Limit
         await limiter.aclose()
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+async def until_held(redis_url: str, redis_prefix: str) -> AsyncIterator[UntilHeld]:
+    """`await until_held(limiter, n)`: wait until n slots of ("query", "alice") are held.
+
+    Leaving an admission gives its Redis slot back in a task of its own, which the caller does
+    not wait for (the response is not held up by it); the next admission in the same task can
+    come first. In process the release is immediate."""
+    client = Redis.from_url(redis_url)
+
+    async def wait(
+        limiter: RateLimiter, held: int, *, scope: str = "query", identity: str = "alice"
+    ) -> None:
+        if limiter.backend == "memory":
+            return
+        key = f"{redis_prefix}cc:{scope}:{hashlib.sha256(identity.encode()).hexdigest()}"
+        deadline = time.monotonic() + 1
+        while (count := await client.zcard(key)) != held:
+            assert time.monotonic() < deadline, f"{count} slots held, expected {held}"
+            await asyncio.sleep(0.005)
+
+    yield wait
+    await client.aclose()
 
 
 async def _start_of_window(seconds: float) -> None:
@@ -135,15 +163,16 @@ async def test_hostile_identities_stay_out_of_keys(
     limiter = make_limiter()
     hostile = ["*", "user:*", "{tag}", "x" * 100_000, "line\nbreak", "\udcff", ""]
     for identity in hostile:
-        assert (await limiter.hit("query", identity, "2/hour")).remaining == 1
-        async with limiter.concurrency("query", identity, 1):
-            pass
+        assert (await limiter.hit("query", identity, "3/hour")).remaining == 2
+        async with limiter.admit("query", identity, "3/hour", 1) as state:
+            assert state.remaining == 1
     for identity in hostile:
-        assert (await limiter.hit("query", identity, "2/hour")).remaining == 0
+        assert (await limiter.hit("query", identity, "3/hour")).remaining == 0
     assert limiter.errors == 0
 
     client = Redis.from_url(redis_url)
     try:
+        await _until_no_slot_keys(client, redis_prefix)
         keys = [key.decode() async for key in client.scan_iter(match=f"{redis_prefix}*")]
     finally:
         await client.aclose()
@@ -160,7 +189,11 @@ async def test_bad_arguments_are_refused(make_limiter: LimiterFactory, memory: b
     with pytest.raises(ValueError, match="parse"):
         await limiter.hit("query", "alice", "lots per fortnight")
     with pytest.raises(ValueError, match="max_in_flight"):
-        limiter.concurrency("query", "alice", 0)
+        limiter.admit("query", "alice", "1/hour", 0)
+    with pytest.raises(ValueError, match="scope"):
+        limiter.admit("Query", "alice", "1/hour", 1)
+    with pytest.raises(ValueError, match="parse"):
+        limiter.admit("query", "alice", "lots per fortnight", 1)
     with pytest.raises(ValueError, match="redis_url"):
         RateLimiter(redis=Redis(), redis_url=None, key_prefix="x:", socket_timeout=0.1)
 
@@ -170,45 +203,51 @@ async def test_bad_arguments_are_refused(make_limiter: LimiterFactory, memory: b
 
 @pytest.mark.parametrize("memory", [False, True], ids=["redis", "memory"])
 async def test_concurrency_caps_in_flight_requests(
-    make_limiter: LimiterFactory, memory: bool
+    make_limiter: LimiterFactory, until_held: UntilHeld, memory: bool
 ) -> None:
     limiter = make_limiter(memory=memory)
-    async with limiter.concurrency("query", "alice", 2):
-        async with limiter.concurrency("query", "alice", 2):
+    async with limiter.admit("query", "alice", PLENTY, 2):
+        async with limiter.admit("query", "alice", PLENTY, 2):
             with pytest.raises(RateLimitExceeded) as refused:
-                async with limiter.concurrency("query", "alice", 2):
+                async with limiter.admit("query", "alice", PLENTY, 2):
                     pytest.fail("a third slot was granted")
             assert refused.value.kind == "concurrency"
             assert refused.value.retry_after == pytest.approx(1)
             assert refused.value.state == RateLimitState(limit=2, remaining=0, reset_after=1.0)
             # Other identities and other scopes have slots of their own.
-            async with limiter.concurrency("query", "bob", 2):
+            async with limiter.admit("query", "bob", PLENTY, 2):
                 pass
-            async with limiter.concurrency("secure-query", "alice", 2):
+            async with limiter.admit("secure-query", "alice", PLENTY, 2):
                 pass
         # One left: a new request gets its slot.
-        async with limiter.concurrency("query", "alice", 2):
+        await until_held(limiter, 1)
+        async with limiter.admit("query", "alice", PLENTY, 2):
             pass
 
     # An exception inside the block still gives the slot back.
     for _ in range(3):
+        await until_held(limiter, 0)
         with pytest.raises(RuntimeError):
-            async with limiter.concurrency("query", "alice", 1):
+            async with limiter.admit("query", "alice", PLENTY, 1):
                 raise RuntimeError("handler failed")
-    async with limiter.concurrency("query", "alice", 1):
+    await until_held(limiter, 0)
+    async with limiter.admit("query", "alice", PLENTY, 1):
         pass
     assert limiter.errors == 0
 
 
-async def test_concurrency_holds_across_replicas(make_limiter: LimiterFactory) -> None:
+async def test_concurrency_holds_across_replicas(
+    make_limiter: LimiterFactory, until_held: UntilHeld
+) -> None:
     first, second = make_limiter(), make_limiter()
-    async with first.concurrency("query", "alice", 2):
-        async with second.concurrency("query", "alice", 2):
+    async with first.admit("query", "alice", PLENTY, 2):
+        async with second.admit("query", "alice", PLENTY, 2):
             for limiter in (first, second):
                 with pytest.raises(RateLimitExceeded):
-                    async with limiter.concurrency("query", "alice", 2):
+                    async with limiter.admit("query", "alice", PLENTY, 2):
                         pass
-        async with first.concurrency("query", "alice", 2):
+        await until_held(first, 1)  # second's release, seen by the other replica
+        async with first.admit("query", "alice", PLENTY, 2):
             pass
 
 
@@ -218,20 +257,20 @@ async def test_slots_of_a_crashed_replica_come_back_after_the_lease(
     crashed = make_limiter(lease_seconds=0.3)
     alive = make_limiter(lease_seconds=0.3)
     # Entered and never exited, like a replica killed mid-request: one slot now, one later.
-    await crashed.concurrency("query", "alice", 2).__aenter__()
+    await crashed.admit("query", "alice", PLENTY, 2).__aenter__()
     await asyncio.sleep(0.2)
-    await crashed.concurrency("query", "alice", 2).__aenter__()
+    await crashed.admit("query", "alice", PLENTY, 2).__aenter__()
     with pytest.raises(RateLimitExceeded):
-        await alive.concurrency("query", "alice", 2).__aenter__()
+        await alive.admit("query", "alice", PLENTY, 2).__aenter__()
 
     # The first lease is over (the key itself lives on, refreshed by the second one).
     await asyncio.sleep(0.15)
-    async with alive.concurrency("query", "alice", 2):
+    async with alive.admit("query", "alice", PLENTY, 2):
         with pytest.raises(RateLimitExceeded):
-            await alive.concurrency("query", "alice", 2).__aenter__()
+            await alive.admit("query", "alice", PLENTY, 2).__aenter__()
 
     await asyncio.sleep(0.2)  # and now the second
-    async with alive.concurrency("query", "alice", 2), alive.concurrency("query", "alice", 2):
+    async with alive.admit("query", "alice", PLENTY, 2), alive.admit("query", "alice", PLENTY, 2):
         pass
 
 
@@ -243,7 +282,7 @@ async def test_cancelled_requests_give_their_slot_back(
     entered = asyncio.Event()
 
     async def request() -> None:
-        async with limiter.concurrency("query", "alice", 1):
+        async with limiter.admit("query", "alice", PLENTY, 1):
             entered.set()
             await asyncio.sleep(30)
 
@@ -253,9 +292,9 @@ async def test_cancelled_requests_give_their_slot_back(
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    # anyio (Starlette) cancel scopes cancel every await inside them, the release included.
+    # anyio (Starlette) cancel scopes cancel every await inside them; the release awaits none.
     with anyio.CancelScope() as scope:
-        async with limiter.concurrency("query", "alice", 1):
+        async with limiter.admit("query", "alice", PLENTY, 1):
             scope.cancel()
             await anyio.sleep(30)
     assert scope.cancelled_caught
@@ -268,11 +307,20 @@ async def _wait_for_slot(limiter: RateLimiter) -> None:
     deadline = time.monotonic() + 1
     while True:
         try:
-            async with limiter.concurrency("query", "alice", 1):
+            async with limiter.admit("query", "alice", PLENTY, 1):
                 return
         except RateLimitExceeded:
             assert time.monotonic() < deadline, "the slot was not given back"
             await asyncio.sleep(0.01)
+
+
+async def _until_no_slot_keys(client: Redis, prefix: str) -> None:
+    """Slot releases run in tasks of their own: wait until every slot set is gone (the last
+    ZREM deletes the key)."""
+    deadline = time.monotonic() + 1
+    while [key async for key in client.scan_iter(match=f"{prefix}cc:*")]:
+        assert time.monotonic() < deadline, "a slot was not given back"
+        await asyncio.sleep(0.01)
 
 
 async def test_release_survives_cancellation_while_waiting_for_a_connection(
@@ -293,7 +341,7 @@ async def test_release_survives_cancellation_while_waiting_for_a_connection(
     try:
         blocker: asyncio.Task[None] | None = None
         with anyio.CancelScope() as scope:
-            async with limiter.concurrency("query", "alice", 1):
+            async with limiter.admit("query", "alice", PLENTY, 1):
                 # Another request holds the only connection for a moment.
                 blocker = asyncio.create_task(hold_the_connection())
                 await asyncio.sleep(0.02)
@@ -333,18 +381,26 @@ def silent_redis_url() -> Iterator[str]:
 async def _assert_fails_open(limiter: RateLimiter) -> None:
     for expected_errors in (1, 2, 3):
         started = time.monotonic()
-        await limiter.hit("query", "alice", "3/hour")
-        async with limiter.concurrency("query", "alice", 1):
-            pass
+        async with limiter.admit("query", "alice", "3/hour", 1) as state:
+            assert (state.limit, state.remaining) == (3, 3 - expected_errors)
+            assert 0 < state.reset_after <= 3600
         assert time.monotonic() - started < 0.5
-        assert limiter.errors == 2 * expected_errors
-    # The in-process fallback still limits.
-    with pytest.raises(RateLimitExceeded):
-        await limiter.hit("query", "alice", "3/hour")
-    async with limiter.concurrency("query", "alice", 1):
-        with pytest.raises(RateLimitExceeded):
-            async with limiter.concurrency("query", "alice", 1):
-                pass
+        assert limiter.errors == expected_errors  # one Redis call tried per request
+    # The in-process fallback still limits: the window...
+    with pytest.raises(RateLimitExceeded) as refused:
+        async with limiter.admit("query", "alice", "3/hour", 1):
+            pytest.fail("a fourth request was admitted")
+    assert refused.value.kind == "rate"
+    assert 1 <= refused.value.retry_after <= 3600
+    # ... and the slots; as in Redis, a refused request is not counted.
+    async with limiter.admit("query", "bob", "3/hour", 1):
+        with pytest.raises(RateLimitExceeded) as refused:
+            async with limiter.admit("query", "bob", "3/hour", 1):
+                pytest.fail("a second slot was granted")
+        assert refused.value.kind == "concurrency"
+    async with limiter.admit("query", "bob", "3/hour", 1) as state:
+        assert state.remaining == 1
+    assert (await limiter.hit("query", "carol", "3/hour")).remaining == 2
 
 
 async def test_redis_down_falls_back_to_in_process_limits(
@@ -383,7 +439,7 @@ async def test_after_a_failure_redis_is_skipped_for_a_while(
     started = time.monotonic()
     for _ in range(3):
         await limiter.hit("query", "alice", "5/hour")
-        async with limiter.concurrency("query", "alice", 1):
+        async with limiter.admit("query", "alice", PLENTY, 1):
             pass
     assert time.monotonic() - started < 0.05
     assert limiter.errors == 1
@@ -397,9 +453,9 @@ async def test_limiter_opens_its_own_client_when_given_only_a_url(
     )
     try:
         assert limiter.backend == "redis"
-        async with limiter.concurrency("query", "alice", 1):
+        async with limiter.admit("query", "alice", PLENTY, 1):
             with pytest.raises(RateLimitExceeded):
-                async with limiter.concurrency("query", "alice", 1):
+                async with limiter.admit("query", "alice", PLENTY, 1):
                     pass
         assert (await limiter.hit("query", "alice", "2/hour")).remaining == 1
         assert limiter.errors == 0

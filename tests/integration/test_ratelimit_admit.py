@@ -1,0 +1,569 @@
+"""`RateLimiter.admit`: one Lua script counts the request and takes its slot, on the real Redis;
+the slot goes back in a task of its own; the in-process fallback when Redis fails."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import limits
+import pytest
+from limits.aio.storage import RedisStorage
+from limits.aio.storage.redis.redispy import RedispyBridge
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.security.ratelimit import (
+    RateLimiter,
+    RateLimitExceeded,
+    RateLimitState,
+    rate_limit_headers,
+)
+from tests.conftest import make_settings, running_app
+from tests.redisserver import RedisServer
+
+PLENTY = "100000/hour"
+
+
+def _digest(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
+def _window_key(prefix: str, rate: str, identity: str, scope: str = "query") -> str:
+    """The current window's counter, under `limits`' own name for it."""
+    return f"{prefix}rl:{{{limits.parse(rate).key_for(scope, _digest(identity))}}}"
+
+
+def _slot_key(prefix: str, identity: str, scope: str = "query") -> str:
+    return f"{prefix}cc:{scope}:{_digest(identity)}"
+
+
+def _client(url: str) -> Redis:
+    """Like the app's shared client: no retries, short timeouts."""
+    return Redis.from_url(
+        url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the test's own, to look at the keys."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def shared(redis_url: str) -> AsyncIterator[Redis]:
+    """The limiter's client, as the app's shared one."""
+    client = _client(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def limiter(shared: Redis, redis_url: str, redis_prefix: str) -> AsyncIterator[RateLimiter]:
+    limiter = RateLimiter(
+        redis=shared, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.5
+    )
+    yield limiter
+    await limiter.aclose()
+
+
+async def _until_zcard(redis: Redis, key: str, expected: int, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (count := await redis.zcard(key)) != expected:
+        assert time.monotonic() < deadline, f"{key}: {count} slots held, expected {expected}"
+        await asyncio.sleep(0.005)
+
+
+async def _sleep_until(moment: float) -> None:
+    await asyncio.sleep(max(0.0, moment - time.monotonic()))
+
+
+# --- the window ----------------------------------------------------------------------------
+
+
+async def test_headers_across_a_window_boundary(
+    limiter: RateLimiter, redis: Redis, redis_prefix: str
+) -> None:
+    """4 per 2 s window. The numbers are the sliding window counter's: after the boundary the
+    previous window's 4 requests weigh 4 x (its remaining TTL / 2 s)."""
+    rate = "4/2 seconds"
+    started = time.monotonic()
+    states = []
+    for _ in range(4):
+        async with limiter.admit("query", "alice", rate, 10) as state:
+            states.append(state)
+    # The window opened with the first request: a whole window to go, then a little less.
+    assert states[0] == RateLimitState(limit=4, remaining=3, reset_after=2.0)
+    assert all(1.5 < s.reset_after <= 2.0 for s in states)
+    assert [rate_limit_headers(s) for s in states] == [
+        {"RateLimit-Limit": "4", "RateLimit-Remaining": str(left), "RateLimit-Reset": "2"}
+        for left in (3, 2, 1, 0)
+    ]
+    with pytest.raises(RateLimitExceeded) as refused:
+        async with limiter.admit("query", "alice", rate, 10):
+            pytest.fail("a fifth request was admitted")
+    assert refused.value.kind == "rate"
+    assert refused.value.retry_after == 2.0
+    assert refused.value.state.remaining == 0
+    assert 1.5 < refused.value.state.reset_after <= 2.0
+    current = _window_key(redis_prefix, rate, "alice")
+    assert await redis.get(current) == "4"  # the refusal was not counted
+
+    # A quarter of a window past the boundary: the previous window (4 requests, 1.75 s of TTL
+    # left) weighs floor(4 x 1.75 / 2) = 3, so one more request fits; the weight loses one
+    # every 0.5 s, next at 1.5 s of TTL: 0.25 s from now.
+    await _sleep_until(started + 2.25)
+    async with limiter.admit("query", "alice", rate, 10) as state:
+        pass
+    assert await redis.get(f"{current}/-1") == "4"
+    assert await redis.get(current) == "1"
+    assert state.limit == 4
+    assert state.remaining == 0
+    assert 0 < state.reset_after <= 0.3  # (the window opened a little after `started`)
+    assert rate_limit_headers(state)["RateLimit-Reset"] == "1"
+
+    with pytest.raises(RateLimitExceeded) as refused:
+        async with limiter.admit("query", "alice", rate, 10):
+            pytest.fail("the window was full")
+    reset_after = refused.value.state.reset_after
+    assert refused.value.retry_after == 1.0
+    assert 0 < reset_after <= 0.3
+    # Reset tells the truth: still refused a little before it, admitted just after it.
+    deadline = time.monotonic() + reset_after
+    if reset_after > 0.15:
+        await _sleep_until(deadline - 0.1)
+        with pytest.raises(RateLimitExceeded):
+            async with limiter.admit("query", "alice", rate, 10):
+                pytest.fail("admitted before Reset")
+    await _sleep_until(deadline + 0.05)
+    async with limiter.admit("query", "alice", rate, 10) as state:
+        assert state.remaining == 0
+    assert await redis.get(current) == "2"
+    assert limiter.errors == 0
+
+
+async def test_the_window_is_the_one_limits_keeps(
+    limiter: RateLimiter, redis_url: str, redis_prefix: str
+) -> None:
+    """Same keys, same algorithm: replicas of the previous release (counting with `limits`)
+    and of this one share each bucket during a rolling deploy."""
+    storage = RedisStorage(redis_url, implementation="redispy", key_prefix=f"{redis_prefix}rl")
+    old = SlidingWindowCounterRateLimiter(storage)
+    item = limits.parse("5/minute")
+    digest = _digest("alice")
+    try:
+        async with limiter.admit("query", "alice", "5/minute", 3) as state:
+            assert state.remaining == 4
+        assert await old.hit(item, "query", digest)
+        assert (await old.get_window_stats(item, "query", digest)).remaining == 3
+        assert (await limiter.hit("query", "alice", "5/minute")).remaining == 2
+        assert await old.hit(item, "query", digest)
+        stats = await old.get_window_stats(item, "query", digest)
+        state = await limiter.hit("query", "alice", "5/minute")
+        assert (stats.remaining, state.remaining) == (1, 0)
+        assert stats.reset_time - time.time() == pytest.approx(state.reset_after, abs=0.1)
+        assert not await old.hit(item, "query", digest)
+        with pytest.raises(RateLimitExceeded):
+            await limiter.hit("query", "alice", "5/minute")
+    finally:
+        bridge = storage.bridge
+        assert isinstance(bridge, RedispyBridge)
+        client: object = bridge.get_connection()
+        assert isinstance(client, Redis)
+        await client.aclose()
+
+
+# --- one script, two limits ----------------------------------------------------------------
+
+
+async def test_one_round_trip_admits_and_the_release_is_not_awaited(
+    limiter: RateLimiter,
+    shared: Redis,
+    redis: Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await limiter.hit("query", "warm-up", PLENTY)  # the script is in Redis' cache
+    sent: list[str] = []
+    execute: Callable[..., Awaitable[Any]] = shared.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(shared, "execute_command", counting)
+    slot = _slot_key(redis_prefix, "alice")
+    async with limiter.admit("query", "alice", "10/minute", 2) as state:
+        assert sent == ["EVALSHA"]
+        assert state == RateLimitState(limit=10, remaining=9, reset_after=60.0)
+        assert await redis.zcard(slot) == 1
+    # Left without a round trip: the ZREM runs in a task of its own, after this.
+    assert sent == ["EVALSHA"]
+    await _until_zcard(redis, slot, 0)
+    assert sent == ["EVALSHA", "ZREM"]
+    assert not await redis.exists(slot)
+
+    assert (await limiter.hit("query", "alice", "10/minute")).remaining == 8
+    assert sent == ["EVALSHA", "ZREM", "EVALSHA"]
+    assert limiter.errors == 0
+
+
+async def test_a_rate_refusal_takes_no_slot(
+    limiter: RateLimiter, redis: Redis, redis_prefix: str
+) -> None:
+    slot = _slot_key(redis_prefix, "alice")
+    async with (
+        limiter.admit("query", "alice", "2/hour", 5),
+        limiter.admit("query", "alice", "2/hour", 5) as state,
+    ):
+        assert state.remaining == 0
+        assert await redis.zcard(slot) == 2
+        with pytest.raises(RateLimitExceeded) as refused:
+            async with limiter.admit("query", "alice", "2/hour", 5):
+                pytest.fail("a third request was admitted")
+        assert refused.value.kind == "rate"
+        assert refused.value.state.limit == 2
+        assert 3590 < refused.value.state.reset_after <= 3600
+        assert refused.value.retry_after == 3600
+        assert await redis.zcard(slot) == 2
+    await _until_zcard(redis, slot, 0)
+    assert await redis.get(_window_key(redis_prefix, "2/hour", "alice")) == "2"
+
+
+async def test_a_concurrency_refusal_is_not_counted(
+    limiter: RateLimiter, redis: Redis, redis_prefix: str
+) -> None:
+    window = _window_key(redis_prefix, "3/hour", "alice")
+    slot = _slot_key(redis_prefix, "alice")
+    async with limiter.admit("query", "alice", "3/hour", 1) as state:
+        assert state.remaining == 2
+        for _ in range(5):
+            with pytest.raises(RateLimitExceeded) as refused:
+                async with limiter.admit("query", "alice", "3/hour", 1):
+                    pytest.fail("a second slot was granted")
+            assert refused.value.kind == "concurrency"
+            assert refused.value.retry_after == 1.0
+            assert refused.value.state == RateLimitState(limit=1, remaining=0, reset_after=1.0)
+        assert await redis.get(window) == "1"
+        assert await redis.zcard(slot) == 1
+    await _until_zcard(redis, slot, 0)
+    async with limiter.admit("query", "alice", "3/hour", 1) as state:
+        assert state.remaining == 1
+        # Over both limits: refused for the rate, the longer wait.
+        await limiter.hit("query", "alice", "3/hour")
+        with pytest.raises(RateLimitExceeded) as refused:
+            async with limiter.admit("query", "alice", "3/hour", 1):
+                pytest.fail("admitted over both limits")
+        assert refused.value.kind == "rate"
+        assert refused.value.retry_after > 3500
+    assert await redis.get(window) == "3"
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["redis", "memory"])
+async def test_an_admission_is_entered_once_and_left_once(
+    limiter: RateLimiter, redis: Redis, redis_prefix: str, memory: bool
+) -> None:
+    if memory:
+        limiter = RateLimiter(redis=None, redis_url=None, key_prefix=redis_prefix, socket_timeout=1)
+    async with limiter.admit("query", "alice", PLENTY, 2):  # another request's slot
+        admission = limiter.admit("query", "alice", PLENTY, 2)
+        async with admission:
+            with pytest.raises(RuntimeError, match="already held"):
+                await admission.__aenter__()
+        await admission.__aexit__(None, None, None)  # gives nothing back a second time
+        if not memory:
+            await _until_zcard(redis, _slot_key(redis_prefix, "alice"), 1)
+        async with limiter.admit("query", "alice", PLENTY, 2):
+            with pytest.raises(RateLimitExceeded) as refused:
+                async with limiter.admit("query", "alice", PLENTY, 2):
+                    pytest.fail("a slot was given back twice")
+            assert refused.value.kind == "concurrency"
+    if memory:
+        await limiter.aclose()
+
+
+# --- releases ------------------------------------------------------------------------------
+
+
+async def test_slot_released_when_the_request_is_cancelled(
+    limiter: RateLimiter, redis: Redis, redis_prefix: str
+) -> None:
+    slot = _slot_key(redis_prefix, "alice")
+    entered = asyncio.Event()
+
+    async def request() -> None:
+        async with limiter.admit("query", "alice", PLENTY, 1):
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(request())
+    await entered.wait()
+    assert await redis.zcard(slot) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _until_zcard(redis, slot, 0)
+
+    # anyio (Starlette) cancel scopes cancel every await inside them; leaving awaits nothing.
+    with anyio.CancelScope() as scope:
+        async with limiter.admit("query", "alice", PLENTY, 1):
+            assert await redis.zcard(slot) == 1
+            scope.cancel()
+            await anyio.sleep(30)
+    assert scope.cancelled_caught
+    await _until_zcard(redis, slot, 0)
+
+    assert limiter.errors == 0
+
+
+def _late_replies(shared: Redis, monkeypatch: pytest.MonkeyPatch, delay: float) -> asyncio.Event:
+    """Redis runs each EVALSHA at once, its reply reaches the limiter `delay` s later."""
+    execute: Callable[..., Awaitable[Any]] = shared.execute_command
+    ran = asyncio.Event()
+
+    async def late(*args: Any, **options: Any) -> Any:
+        result = await execute(*args, **options)
+        if args[0] == "EVALSHA":
+            ran.set()
+            await asyncio.sleep(delay)
+        return result
+
+    monkeypatch.setattr(shared, "execute_command", late)
+    return ran
+
+
+async def test_cancelled_while_the_script_replies_drops_the_slot(
+    limiter: RateLimiter,
+    shared: Redis,
+    redis: Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slot = _slot_key(redis_prefix, "alice")
+    ran = _late_replies(shared, monkeypatch, 30)
+    entering = asyncio.create_task(limiter.admit("query", "alice", PLENTY, 1).__aenter__())
+    await ran.wait()
+    assert await redis.zcard(slot) == 1  # taken in Redis, the reply not read yet
+    entering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    await _until_zcard(redis, slot, 0)
+    assert limiter.errors == 0
+
+
+async def test_a_reply_past_the_deadline_falls_back_and_drops_the_slot(
+    redis_url: str, redis_prefix: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = _client(redis_url)
+    limiter = RateLimiter(
+        redis=client, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.05
+    )
+    slot = _slot_key(redis_prefix, "alice")
+    try:
+        _late_replies(client, monkeypatch, 1.0)
+        started = time.monotonic()
+        async with limiter.admit("query", "alice", "5/hour", 1) as state:
+            assert time.monotonic() - started < 0.5  # 3 x 0.05 + 0.05 s
+            assert limiter.errors == 1
+            assert state.remaining == 4  # counted in process
+            await _until_zcard(redis, slot, 0)  # the slot the script took is dropped
+            with pytest.raises(RateLimitExceeded) as refused:  # the in-process slot is held
+                async with limiter.admit("query", "alice", "5/hour", 1):
+                    pytest.fail("a second slot was granted")
+            assert refused.value.kind == "concurrency"
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_aclose_finishes_pending_releases(redis_url: str, redis_prefix: str) -> None:
+    client = _client(redis_url)
+    limiter = RateLimiter(
+        redis=client, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.5
+    )
+    slot = _slot_key(redis_prefix, "alice")
+    try:
+        async with limiter.admit("query", "alice", PLENTY, 3):
+            pass
+        await limiter.aclose()  # right away: the ZREM has not run yet
+        assert await client.zcard(slot) == 0
+    finally:
+        await client.aclose()
+
+
+# --- Redis failures ------------------------------------------------------------------------
+
+
+def _dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+async def test_warnings_are_rate_limited_while_redis_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = _dead_url()
+    client = _client(url)
+    limiter = RateLimiter(
+        redis=client, redis_url=url, key_prefix="unused:", socket_timeout=0.1, fallback_seconds=0
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.security.ratelimit"):
+            for _ in range(4):
+                async with limiter.admit("query", "alice", "10/hour", 1):
+                    pass
+        assert limiter.errors == 4
+        warnings = [r for r in caplog.records if r.name == "app.security.ratelimit"]
+        assert len(warnings) == 1
+        assert "using in-process limits" in warnings[0].getMessage()
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_an_outage_falls_back_in_process_and_redis_comes_back() -> None:
+    with RedisServer() as server:
+        client = _client(server.url)
+        limiter = RateLimiter(
+            redis=client,
+            redis_url=server.url,
+            key_prefix="t:",
+            socket_timeout=0.2,
+            fallback_seconds=0.3,
+        )
+        try:
+            async with limiter.admit("query", "alice", "3/hour", 1) as state:
+                assert state.remaining == 2
+            async with Redis.from_url(server.url) as probe:
+                await _until_zcard(probe, _slot_key("t:", "alice"), 0)
+
+            server.stop()
+            # In process from the first failure on: a window and slots of this replica's own.
+            async with limiter.admit("query", "alice", "3/hour", 1) as state:
+                assert state.remaining == 2
+            assert limiter.errors == 1
+            async with limiter.admit("query", "alice", "3/hour", 1) as state:
+                assert state.remaining == 1
+                with pytest.raises(RateLimitExceeded) as refused:
+                    async with limiter.admit("query", "alice", "3/hour", 1):
+                        pytest.fail("a second slot was granted")
+                assert refused.value.kind == "concurrency"
+            async with limiter.admit("query", "alice", "3/hour", 1) as state:
+                assert state.remaining == 0
+            with pytest.raises(RateLimitExceeded) as refused:
+                async with limiter.admit("query", "alice", "3/hour", 1):
+                    pytest.fail("over the rate")
+            assert refused.value.kind == "rate"
+            assert limiter.errors == 1  # Redis left alone for fallback_seconds
+
+            server.start()  # empty: no keys, no scripts (EVALSHA gets NOSCRIPT once)
+            deadline = time.monotonic() + 5
+            while True:
+                await asyncio.sleep(0.35)
+                errors = limiter.errors
+                async with limiter.admit("query", "bob", "3/hour", 1):
+                    pass
+                if limiter.errors == errors:
+                    break
+                assert time.monotonic() < deadline, "Redis was not used again"
+            async with Redis.from_url(server.url, decode_responses=True) as probe:
+                assert await probe.get(_window_key("t:", "3/hour", "bob")) == "1"
+                await _until_zcard(probe, _slot_key("t:", "bob"), 0)
+        finally:
+            await limiter.aclose()
+            await client.aclose()
+
+
+# --- through the API -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    from app.storage.db import upgrade_to_head
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ratelimit.db'}"
+    upgrade_to_head(url)
+    return url
+
+
+@pytest.mark.integration
+async def test_query_holds_its_slot_until_the_response(
+    sqlite_url: str, redis_url: str, redis_prefix: str, redis: Redis
+) -> None:
+    settings = make_settings(
+        database_url=sqlite_url,
+        redis_url=redis_url,
+        redis_key_prefix=redis_prefix,
+        rate_limit_query="3/minute",
+        concurrency_limit_query=1,
+        sim_latency_ms=300,
+        cache_enabled=False,
+    )
+    slot_keys = f"{redis_prefix}cc:query:*"
+    async with running_app(settings) as (_, client):
+        first = asyncio.create_task(client.post("/query", json={"message": "one"}))
+        deadline = time.monotonic() + 5
+        while not (keys := [key async for key in redis.scan_iter(match=slot_keys)]):
+            assert time.monotonic() < deadline, "no slot taken"
+            await asyncio.sleep(0.01)
+        assert len(keys) == 1
+        assert await redis.zcard(keys[0]) == 1
+
+        refused = await client.post("/query", json={"message": "two"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["ratelimit-limit"] == "1"  # the concurrency limit
+        assert refused.headers["ratelimit-remaining"] == "0"
+
+        answered = await first
+        assert answered.status_code == 200
+        assert answered.headers["ratelimit-limit"] == "3"
+        assert answered.headers["ratelimit-remaining"] == "2"
+        assert answered.headers["ratelimit-reset"] == "60"
+        await _until_zcard(redis, keys[0], 0)
+
+        # The refusal was not counted.
+        again = await client.post("/query", json={"message": "three"})
+        assert again.status_code == 200
+        assert again.headers["ratelimit-remaining"] == "1"
+        await _until_zcard(redis, keys[0], 0)
+
+
+@pytest.mark.integration
+async def test_query_limits_in_process_when_redis_is_down(
+    sqlite_url: str, redis_prefix: str
+) -> None:
+    settings = make_settings(
+        database_url=sqlite_url,
+        redis_url=_dead_url(),
+        redis_key_prefix=redis_prefix,
+        rate_limit_query="2/minute",
+        cache_enabled=False,
+    )
+    async with running_app(settings) as (app, client):
+        remaining = []
+        for i in range(2):
+            response = await client.post("/query", json={"message": f"m{i}"})
+            assert response.status_code == 200, response.text
+            remaining.append(response.headers["ratelimit-remaining"])
+        assert remaining == ["1", "0"]
+        limited = await client.post("/query", json={"message": "m3"})
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert limited.headers["ratelimit-limit"] == "2"
+        assert app.state.runtime.limiter.errors >= 1
