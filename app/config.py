@@ -148,7 +148,9 @@ class Settings(BaseSettings):
     llm_backoff_initial: float = Field(0.5, ge=0)
     llm_backoff_max: float = Field(8.0, ge=0)
     llm_max_connections: int = Field(100, ge=1)
-    llm_max_keepalive: int = Field(20, ge=0)
+    llm_max_keepalive: int = Field(
+        20, ge=0, description="0: no keep-alive; else idle connections are kept for 5 s."
+    )
     llm_unavailable_retry_after: float = Field(
         5.0, gt=0, description="Retry-After when no breaker is open but nothing answered."
     )

@@ -54,7 +54,10 @@ COMPONENTS: list[tuple[str, str]] = [
     (r"starlette/", "starlette"),
     (r"pydantic", "pydantic"),
     (r"uvicorn/", "uvicorn"),
-    (r"httpx/|httpcore/|h11/|anyio/", "httpx/httpcore/anyio"),
+    (
+        r"httpx/|httpcore/|h11/|anyio/|aiohttp/|yarl/|multidict/|propcache/|app/llm/transport",
+        "LLM client (httpx on aiohttp)",
+    ),
     (r"tenacity/", "tenacity"),
     (r"logging/|pythonjsonlogger/", "logging"),
     (r"asyncio/|uvloop", "asyncio/uvloop"),

@@ -2,6 +2,7 @@
 
 Translates transport and HTTP failures into LLMError with a `kind` and `status_code`, so
 the retry policy and the breaker decide on facts, not on exception classes of httpx.
+The client is httpx; its connections are aiohttp's (app/llm/transport.py says why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import orjson
 from httpx_sse import aconnect_sse
 
 from app.config import Settings, UpstreamConfig
+from app.llm.transport import AiohttpTransport
 from app.llm.types import ChatRequest, Completion, CompletionDelta, LLMError
 from app.llm.wire import StreamAccumulator, parse_completion
 
@@ -40,14 +42,16 @@ def build_http_client(settings: Settings, upstream: UpstreamConfig) -> httpx.Asy
     headers = {"Content-Type": "application/json", **upstream.headers}
     if upstream.api_key is not None:
         headers["Authorization"] = f"Bearer {upstream.api_key.get_secret_value()}"
+    limits = httpx.Limits(
+        max_connections=settings.llm_max_connections,
+        max_keepalive_connections=settings.llm_max_keepalive,
+    )
     return httpx.AsyncClient(
         base_url=str(upstream.base_url).rstrip("/"),
         headers=headers,
         timeout=httpx.Timeout(settings.llm_timeout, connect=settings.llm_connect_timeout),
-        limits=httpx.Limits(
-            max_connections=settings.llm_max_connections,
-            max_keepalive_connections=settings.llm_max_keepalive,
-        ),
+        limits=limits,
+        transport=AiohttpTransport(limits=limits),
     )
 
 
