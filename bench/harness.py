@@ -690,6 +690,7 @@ def service_settings(
     *,
     pool_size: int,
     db_pool_size: int,
+    db_max_overflow: int = 0,
     llm_base_url: str | None = None,
     llm_max_connections: int | None = None,
 ) -> dict[str, str]:
@@ -698,6 +699,7 @@ def service_settings(
         "DATABASE_URL": res.database_url,
         "DB_AUTO_MIGRATE": "false",
         "DB_POOL_SIZE": str(db_pool_size),
+        "DB_MAX_OVERFLOW": str(db_max_overflow),
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": res.redis_prefix,
         "LOG_LEVEL": "WARNING",

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = h.service_settings(
                 res,
                 pool_size=2000,
-                db_pool_size=20,
+                db_pool_size=30,
                 llm_base_url=None if sim is None else f"{sim.url}/v1",
                 llm_max_connections=2000,
             )

@@ -48,8 +48,11 @@ UPSTREAM_CONCURRENCY = 32
 HIGH_LATENCY_MS = 2000.0
 HIGH_CONCURRENCY = 1000
 POOL_SIZE = 2000
-DB_POOL_SIZE = 20
-DB_MAX_OVERFLOW = 10  # the service's default
+DB_POOL_SIZE = 30
+DB_MAX_OVERFLOW = 0
+"""Both the floor and the service hold the same 30 connections open. (SQLAlchemy's QueuePool
+closes its overflow connections at checkin, and under load reopened them - TLS attempt, auth,
+statements prepared again - while asyncpg's pool keeps every connection it opened.)"""
 RSS_LIMIT_MIB = 300.0
 
 
