@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from app.llm.simulator import (
+    PromptTokenCounter,
     SimulatedError,
     Simulator,
     SimulatorChatModel,
@@ -642,3 +643,28 @@ async def test_http_sim_controls() -> None:
         assert reset.json()["calls"] == 0
         assert (await client.get("/sim/stats")).json()["calls"] == 0
     assert sim.calls == 0
+
+
+def test_prompt_token_counter_counts_like_the_tokenizer_and_stays_bounded() -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "calculator", "arguments": '{"x": "2+2"}'}}],
+        },
+        {"role": "tool", "content": "4"},
+        {"role": "user", "content": [{"type": "text", "text": "and again, please"}]},
+    ]
+    expected = (
+        count_tokens("What is 2 + 2?")
+        + count_tokens('{"x": "2+2"}')
+        + count_tokens("4")
+        + count_tokens("and again, please")
+    )
+    counter = PromptTokenCounter(max_chars=40)
+    assert counter(messages) == expected
+    assert counter(messages) == expected  # the second time from memory, same answer
+    long_text = "word " * 20  # 100 characters: over the bound, counted but not kept
+    assert counter([{"role": "user", "content": long_text}]) == 20
+    assert sum(len(text) for text in counter._counts) <= 40
