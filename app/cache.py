@@ -101,6 +101,23 @@ return {false, 0}
 and a miss needs no separate lookup before its lock (the GET also closes the race with a
 replica that has just stored the value)."""
 
+_STORE_SCRIPT = """
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' then
+    redis.call('sadd', KEYS[2], ARGV[3])
+    redis.call('pexpire', KEYS[2], ARGV[2], 'NX')
+    redis.call('pexpire', KEYS[2], ARGV[2], 'GT')
+end
+if ARGV[4] ~= '' and redis.call('get', KEYS[3]) == ARGV[4] then
+    redis.call('del', KEYS[3])
+end
+return 1
+"""
+"""One call stores a value: SET ... PX; with a member (ARGV[3]) it is indexed under the
+session (a new index gets the expiry, NX; an old one only ever lengthens, GT); with a token
+(ARGV[4]) our lock goes too, after the value, so waiting replicas find it. One command to
+pack and one reply to parse instead of a pipeline of five."""
+
 _FORGET_BATCH = 512
 
 
@@ -375,18 +392,18 @@ class ResponseCache:
             if session_id is None and unlock_token is None:
                 await client.set(value_key, value, px=ttl_ms)
                 return
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.set(value_key, value, px=ttl_ms)
-                if session_id is not None:
-                    index_key = self._session_key(session_id)
-                    pipe.sadd(index_key, key)
-                    pipe.pexpire(index_key, ttl_ms, nx=True)  # a new index: give it an expiry
-                    pipe.pexpire(index_key, ttl_ms, gt=True)  # else only ever lengthen it
-                if unlock_token is not None:
-                    # EVAL with the (short) text: EVALSHA in a pipeline makes redis-py add a
-                    # SCRIPT EXISTS round trip, which is what this folding saves.
-                    pipe.eval(_UNLOCK_SCRIPT, 1, self._lock_key(key), unlock_token)
-                await pipe.execute()
+            # Without a session the index key is a placeholder the script does not touch.
+            index_key = value_key if session_id is None else self._session_key(session_id)
+            store_script = self._script("store", _STORE_SCRIPT)
+            await store_script(
+                keys=[value_key, index_key, self._lock_key(key)],
+                args=[
+                    value,
+                    ttl_ms,
+                    "" if session_id is None else key,
+                    "" if unlock_token is None else unlock_token,
+                ],
+            )
 
         try:
             await self._call("set", store)

@@ -327,7 +327,7 @@ async def test_one_round_trip_looks_up_and_locks(
     commands.clear()
     assert await cache.get_or_compute("miss", observe_lock, ttl=60) == (b"fresh", False)
     assert locked_during_compute == [1]
-    assert commands == ["EVALSHA"]  # the store and unlock go through one pipeline
+    assert commands == ["EVALSHA", "EVALSHA"]  # look up + lock; store + unlock
     assert await raw_redis.exists(f"{redis_prefix}lock:miss") == 0
     assert await raw_redis.get(f"{redis_prefix}cache:miss") == b"fresh"
 
