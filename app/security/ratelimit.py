@@ -291,6 +291,8 @@ class RateLimiter:
         self._last_warning = -math.inf
         self._suppressed = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._releases: dict[str, list[str]] = {}
+        self._flush_scheduled = False
         self._closed = False
 
         self._local_storage = MemoryStorage()
@@ -422,12 +424,26 @@ class RateLimiter:
 
     def _release(self, scope: str, digest: str, token: str | None) -> None:
         """Give a slot back. Never awaits: in Redis the ZREM runs in a task of its own, which
-        the response does not wait for, and which a cancelled request cannot cancel."""
+        the response does not wait for, and which a cancelled request cannot cancel.
+
+        Releases are batched: those made before the flush task starts (the rest of this turn
+        of the event loop) go out as one ZREM per identity with every token, so under load a
+        slot costs a fraction of a round trip to give back."""
         if token is None:
             self._release_locally(f"{scope}:{digest}")
-        else:
-            redis_key = f"{self._concurrency_prefix}{scope}:{digest}"
-            self._spawn(self._remove_token(redis_key, token, quiet=False))
+            return
+        redis_key = f"{self._concurrency_prefix}{scope}:{digest}"
+        self._releases.setdefault(redis_key, []).append(token)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._spawn(self._flush_releases())
+
+    async def _flush_releases(self) -> None:
+        # A new task first runs on the loop's next turn: releases made until then join it.
+        batch, self._releases = self._releases, {}
+        self._flush_scheduled = False
+        for redis_key, tokens in batch.items():
+            await self._remove_token(redis_key, *tokens, quiet=False)
 
     def _release_locally(self, slot: str) -> None:
         left = self._in_flight.get(slot, 0) - 1
@@ -436,11 +452,11 @@ class RateLimiter:
         else:
             self._in_flight.pop(slot, None)
 
-    async def _remove_token(self, redis_key: str, token: str, *, quiet: bool) -> None:
+    async def _remove_token(self, redis_key: str, *tokens: str, quiet: bool) -> None:
         assert self._redis is not None
         try:
             async with asyncio.timeout(self._deadline):
-                await self._redis.zrem(redis_key, token)
+                await self._redis.zrem(redis_key, *tokens)
         except _BACKEND_ERRORS as exc:
             if quiet:
                 logger.debug("dropping a concurrency token failed: %r", exc)

@@ -28,7 +28,7 @@ from app.security.ratelimit import (
     RateLimitState,
     rate_limit_headers,
 )
-from tests.conftest import make_settings, running_app
+from tests.conftest import make_settings, running_app, wait_until
 from tests.redisserver import RedisServer
 
 PLENTY = "100000/hour"
@@ -217,6 +217,44 @@ async def test_one_round_trip_admits_and_the_release_is_not_awaited(
 
     assert (await limiter.hit("query", "alice", "10/minute")).remaining == 8
     assert sent == ["EVALSHA", "ZREM", "EVALSHA"]
+    assert limiter.errors == 0
+
+
+async def test_releases_made_together_share_one_zrem(
+    limiter: RateLimiter,
+    shared: Redis,
+    redis: Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await limiter.hit("query", "warm-up", PLENTY)
+    sent: list[tuple[Any, ...]] = []
+    execute: Callable[..., Awaitable[Any]] = shared.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(args)
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(shared, "execute_command", counting)
+    slot = _slot_key(redis_prefix, "alice")
+    leave = asyncio.Event()
+    entered = 0
+
+    async def request() -> None:
+        nonlocal entered
+        async with limiter.admit("query", "alice", PLENTY, 10):
+            entered += 1
+            await leave.wait()
+
+    tasks = [asyncio.create_task(request()) for _ in range(5)]
+    await wait_until(lambda: entered == 5)
+    assert await redis.zcard(slot) == 5
+    leave.set()  # all five leave in the same turn of the event loop
+    await asyncio.gather(*tasks)
+    await _until_zcard(redis, slot, 0)
+    zrems = [args for args in sent if args[0] == "ZREM"]
+    assert len(zrems) == 1
+    assert len(zrems[0]) == 2 + 5  # ZREM key token x5
     assert limiter.errors == 0
 
 
