@@ -662,9 +662,13 @@ def test_prompt_token_counter_counts_like_the_tokenizer_and_stays_bounded() -> N
         + count_tokens("4")
         + count_tokens("and again, please")
     )
-    counter = PromptTokenCounter(max_chars=40)
+    counter = PromptTokenCounter(max_entries=8, max_chars=20)
     assert counter(messages) == expected
     assert counter(messages) == expected  # the second time from memory, same answer
+    assert counter._remembered.cache_info().hits == 4
     long_text = "word " * 20  # 100 characters: over the bound, counted but not kept
     assert counter([{"role": "user", "content": long_text}]) == 20
-    assert sum(len(text) for text in counter._counts) <= 40
+    assert counter._remembered.cache_info().currsize == 4
+    small = PromptTokenCounter(max_entries=2)
+    assert small(messages) == expected
+    assert small._remembered.cache_info().currsize == 2
