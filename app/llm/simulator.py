@@ -314,6 +314,8 @@ class PromptTokenCounter:
         return total
 
     def _count(self, text: str) -> int:
+        if not text:
+            return 0
         if len(text) > self._max_chars:
             return count_tokens(text)
         return self._remembered(text)
