@@ -297,10 +297,11 @@ class PromptTokenCounter:
     over and over; at 20 messages the regex was 11 % of an in-process turn's CPU, a cost a
     real upstream pays on its own machines. functools' C LRU (a cachetools cache cost half
     of what it saved); only texts up to `max_chars` are kept, so it holds at most
-    `max_entries` x `max_chars` characters.
+    `max_entries` x `max_chars` characters (64 Mi). The entries must outnumber the messages
+    of the conversations in play: the bench's 512 sessions of 50 messages thrashed 8,192.
     """
 
-    def __init__(self, max_entries: int = 8192, max_chars: int = 2048) -> None:
+    def __init__(self, max_entries: int = 65_536, max_chars: int = 1024) -> None:
         self._max_chars = max_chars
         self._remembered = functools.lru_cache(maxsize=max_entries)(count_tokens)
 
