@@ -83,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         runtime.lifecycle.draining = True
         await runtime.aclose()
+        gc.unfreeze()  # what this app built may be collected once it is gone (tests, reloads)
         if tracing is not None:
             await tracing.shutdown()
         logger.info("agentserve stopped")

@@ -106,6 +106,8 @@ class _AiohttpPool:
                 auto_decompress=False,  # httpx decodes Content-Encoding
                 cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies
                 skip_auto_headers=("Content-Type",),  # httpx sets the headers it means
+                # HTTP(S)_PROXY / NO_PROXY, as httpx honours them without a transport of ours
+                trust_env=True,
             )
         return self._session
 

@@ -30,9 +30,10 @@ SlidingWindowCounterRateLimiter) next to an in-process count of requests in flig
 
 The release is not awaited, so an admission that follows in the same task can reach Redis
 before the ZREM. A client's next request in practice cannot: this process reads it only
-after the event loop has run the release task, which writes its ZREM at once - unless the
-connection pool is exhausted, when the ZREM queues for a connection like any command and a
-request arriving meanwhile may find its last slot still held (429, Retry-After: 1).
+after the event loop has run the release task, which writes the ZREMs of every release of
+that loop turn at once, in one pipeline - unless the connection pool is exhausted, when the
+pipeline queues for a connection like any command and a request arriving meanwhile may find
+its last slot still held (429, Retry-After: 1).
 
 A request refused by either limit is not counted in the window: the window counts admitted
 requests only. For a rate refusal that is `limits`' own rule; for a concurrency refusal it
@@ -366,10 +367,10 @@ class RateLimiter:
                 if token:
                     # The script may have run before the timeout: drop the token in case it did
                     # (the count, if any, stays: one request too many at worst).
-                    self._spawn(self._remove_token(keys[2], token, quiet=True))
+                    self._spawn(self._remove_token(keys[2], token))
             except asyncio.CancelledError:
                 if token:
-                    self._spawn(self._remove_token(keys[2], token, quiet=True))
+                    self._spawn(self._remove_token(keys[2], token))
                 raise
             else:
                 status, remaining, reset_ms = (int(value) for value in reply)
@@ -439,11 +440,24 @@ class RateLimiter:
             self._spawn(self._flush_releases())
 
     async def _flush_releases(self) -> None:
+        """Send the batch: one ZREM per identity, all in one pipeline (one write, one wait)."""
         # A new task first runs on the loop's next turn: releases made until then join it.
         batch, self._releases = self._releases, {}
         self._flush_scheduled = False
-        for redis_key, tokens in batch.items():
-            await self._remove_token(redis_key, *tokens, quiet=False)
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self._deadline):
+                if len(batch) == 1:
+                    [(redis_key, tokens)] = batch.items()
+                    await self._redis.zrem(redis_key, *tokens)
+                    return
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for redis_key, tokens in batch.items():
+                        pipe.zrem(redis_key, *tokens)
+                    await pipe.execute()
+        except _BACKEND_ERRORS as exc:
+            # The leases free the slots later; admissions keep using Redis meanwhile.
+            self._redis_failed("concurrency release", exc, fall_back=False)
 
     def _release_locally(self, slot: str) -> None:
         left = self._in_flight.get(slot, 0) - 1
@@ -452,17 +466,15 @@ class RateLimiter:
         else:
             self._in_flight.pop(slot, None)
 
-    async def _remove_token(self, redis_key: str, *tokens: str, quiet: bool) -> None:
+    async def _remove_token(self, redis_key: str, token: str) -> None:
+        """Drop a token the script may or may not have added (its call failed or was
+        cancelled); quiet, since the failure that led here was already reported."""
         assert self._redis is not None
         try:
             async with asyncio.timeout(self._deadline):
-                await self._redis.zrem(redis_key, *tokens)
+                await self._redis.zrem(redis_key, token)
         except _BACKEND_ERRORS as exc:
-            if quiet:
-                logger.debug("dropping a concurrency token failed: %r", exc)
-            else:
-                # The lease frees the slot later; no need to fall back for this.
-                self._redis_failed("concurrency release", exc)
+            logger.debug("dropping a concurrency token failed: %r", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `coro` to completion even if the caller is cancelled; aclose() awaits it."""
@@ -476,15 +488,19 @@ class RateLimiter:
     def _redis_usable(self) -> bool:
         return time.monotonic() >= self._skip_redis_until
 
-    def _redis_failed(self, what: str, exc: BaseException) -> None:
+    def _redis_failed(self, what: str, exc: BaseException, *, fall_back: bool = True) -> None:
+        """Count and log (at most one warning per interval); with `fall_back`, use the
+        in-process limits for `fallback_seconds`."""
         self.errors += 1
         now = time.monotonic()
-        self._skip_redis_until = now + self._fallback_seconds
+        if fall_back:
+            self._skip_redis_until = now + self._fallback_seconds
         if now - self._last_warning >= _WARN_INTERVAL:
             logger.warning(
-                "Redis %s failed (%r); using in-process limits (%d similar errors not logged)",
+                "Redis %s failed (%r); %s (%d similar errors not logged)",
                 what,
                 exc,
+                "using in-process limits" if fall_back else "the leases free the slots later",
                 self._suppressed,
             )
             self._last_warning = now

@@ -302,6 +302,9 @@ async def test_one_round_trip_looks_up_and_locks(
 ) -> None:
     """A hit is one script call and takes no lock; a miss holds the lock while it computes."""
     cache = await make_cache("redis")
+    # Load both scripts into Redis first (a fresh Redis answers the first EVALSHA with
+    # NOSCRIPT, and redis-py then sends SCRIPT LOAD): this test counts the steady state.
+    await cache.get_or_compute("warm-up", Counter(b"w"), ttl=60, session_id="s")
     await raw_redis.set(f"{redis_prefix}cache:hit", b"stored")
     commands: list[str] = []
     client = cast(Redis, cache._redis)

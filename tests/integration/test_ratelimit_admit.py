@@ -258,6 +258,38 @@ async def test_releases_made_together_share_one_zrem(
     assert limiter.errors == 0
 
 
+async def test_releases_of_many_identities_go_out_together(limiter: RateLimiter) -> None:
+    """Every release of one loop turn is written at once (one pipeline), so each client's
+    next request, arriving a turn later, finds its slot free - not only the first one's."""
+    await limiter.hit("query", "warm-up", PLENTY)
+    names = [f"client-{index}" for index in range(30)]
+    leave = asyncio.Event()
+    entered = 0
+
+    async def request(name: str) -> None:
+        nonlocal entered
+        async with limiter.admit("query", name, PLENTY, 1):
+            entered += 1
+            await leave.wait()
+
+    tasks = [asyncio.create_task(request(name)) for name in names]
+    await wait_until(lambda: entered == len(names))
+    leave.set()
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(0)  # the release task has written its pipeline
+
+    async def follow_up(name: str) -> bool:
+        try:
+            async with limiter.admit("query", name, PLENTY, 1):
+                return True
+        except RateLimitExceeded:
+            return False
+
+    admitted = await asyncio.gather(*(follow_up(name) for name in names))
+    assert all(admitted), f"{admitted.count(False)} of {len(names)} found their slot held"
+    assert limiter.errors == 0
+
+
 async def test_a_rate_refusal_takes_no_slot(
     limiter: RateLimiter, redis: Redis, redis_prefix: str
 ) -> None:

@@ -298,6 +298,22 @@ async def test_api_key_and_upstream_headers_are_sent(
     assert request.headers["x-org"] == "acme"
 
 
+async def test_http_proxy_from_the_environment_is_used(
+    serve: Callable[[Script], Awaitable[Upstream]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured as httpx honours it with its own transport (egress proxies)."""
+    proxy = await serve(answer)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    config = UpstreamConfig(name="u", base_url="http://llm.upstream.test/v1")
+    async with build_http_client(Settings(), config) as client:
+        completion = await OpenAICompatibleModel("u", client).complete(ask())
+    assert completion.content == "answer to http://llm.upstream.test/v1/chat/completions"
+    [request] = proxy.requests
+    assert request.target == "http://llm.upstream.test/v1/chat/completions"  # proxy form
+
+
 async def test_response_headers_status_and_version_reach_httpx(
     serve: Callable[[Script], Awaitable[Upstream]],
 ) -> None:
