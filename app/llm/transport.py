@@ -17,6 +17,7 @@ below 0.29 in pyproject.toml; tests fail if that attribute changes).
 from __future__ import annotations
 
 import ssl
+import urllib.request
 from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -106,8 +107,9 @@ class _AiohttpPool:
                 auto_decompress=False,  # httpx decodes Content-Encoding
                 cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies
                 skip_auto_headers=("Content-Type",),  # httpx sets the headers it means
-                # HTTP(S)_PROXY / NO_PROXY, as httpx honours them without a transport of ours
-                trust_env=True,
+                # HTTP(S)_PROXY / NO_PROXY, as httpx honours them without a transport of ours;
+                # only when one is set: aiohttp then scans the environment on every request
+                trust_env=bool(urllib.request.getproxies()),
             )
         return self._session
 
