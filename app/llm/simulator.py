@@ -306,12 +306,15 @@ class PromptTokenCounter:
         self._remembered = functools.lru_cache(maxsize=max_entries)(count_tokens)
 
     def __call__(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """The newest message is counted, not remembered: only the history comes back."""
         total = 0
-        for message in messages:
-            total += self._count(_text_of(message.get("content")))
+        last = len(messages) - 1
+        for index, message in enumerate(messages):
+            count = self._count if index < last else count_tokens
+            total += count(_text_of(message.get("content")))
             if message.get("tool_calls"):
                 for call in _tool_calls_of(message):
-                    total += self._count(str(_function_of(call).get("arguments") or ""))
+                    total += count(str(_function_of(call).get("arguments") or ""))
         return total
 
     def _count(self, text: str) -> int:

@@ -664,11 +664,15 @@ def test_prompt_token_counter_counts_like_the_tokenizer_and_stays_bounded() -> N
     )
     counter = PromptTokenCounter(max_entries=8, max_chars=20)
     assert counter(messages) == expected
-    assert counter(messages) == expected  # the second time from memory, same answer
-    assert counter._remembered.cache_info().hits == 4
+    assert counter(messages) == expected  # the history from memory, same answer
+    # the history's three texts are remembered; the newest message is not
+    assert counter._remembered.cache_info().currsize == 3
+    assert counter._remembered.cache_info().hits == 3
     long_text = "word " * 20  # 100 characters: over the bound, counted but not kept
-    assert counter([{"role": "user", "content": long_text}]) == 20
-    assert counter._remembered.cache_info().currsize == 4
+    assert counter([{"role": "user", "content": long_text}, messages[-1]]) == 20 + count_tokens(
+        "and again, please"
+    )
+    assert counter._remembered.cache_info().currsize == 3
     small = PromptTokenCounter(max_entries=2)
     assert small(messages) == expected
     assert small._remembered.cache_info().currsize == 2
