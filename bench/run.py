@@ -373,6 +373,7 @@ class Bench:
                 h.log(f"  {note}; trying a fresh message")
                 notes.append(note)
                 message = f"bench cache {secrets.token_hex(4)}: what is the capital of France?"
+                misses = 0
                 continue
             if status != 200:
                 raise h.BenchError(f"cache warm request failed: {status} {body[:300]!r}")
