@@ -188,6 +188,19 @@ async def test_the_window_is_the_one_limits_keeps(
 # --- one script, two limits ----------------------------------------------------------------
 
 
+def _record_commands(client: Redis, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Every command `client` sends from now on (its arguments), in order."""
+    sent: list[tuple[Any, ...]] = []
+    execute: Callable[..., Awaitable[Any]] = client.execute_command
+
+    async def recording(*args: Any, **options: Any) -> Any:
+        sent.append(args)
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", recording)
+    return sent
+
+
 async def test_one_round_trip_admits_and_the_release_is_not_awaited(
     limiter: RateLimiter,
     shared: Redis,
@@ -196,27 +209,24 @@ async def test_one_round_trip_admits_and_the_release_is_not_awaited(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await limiter.hit("query", "warm-up", PLENTY)  # the script is in Redis' cache
-    sent: list[str] = []
-    execute: Callable[..., Awaitable[Any]] = shared.execute_command
+    calls = _record_commands(shared, monkeypatch)
 
-    async def counting(*args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]))
-        return await execute(*args, **options)
+    def sent() -> list[str]:
+        return [str(args[0]) for args in calls]
 
-    monkeypatch.setattr(shared, "execute_command", counting)
     slot = _slot_key(redis_prefix, "alice")
     async with limiter.admit("query", "alice", "10/minute", 2) as state:
-        assert sent == ["EVALSHA"]
+        assert sent() == ["EVALSHA"]
         assert state == RateLimitState(limit=10, remaining=9, reset_after=60.0)
         assert await redis.zcard(slot) == 1
     # Left without a round trip: the ZREM runs in a task of its own, after this.
-    assert sent == ["EVALSHA"]
+    assert sent() == ["EVALSHA"]
     await _until_zcard(redis, slot, 0)
-    assert sent == ["EVALSHA", "ZREM"]
+    assert sent() == ["EVALSHA", "ZREM"]
     assert not await redis.exists(slot)
 
     assert (await limiter.hit("query", "alice", "10/minute")).remaining == 8
-    assert sent == ["EVALSHA", "ZREM", "EVALSHA"]
+    assert sent() == ["EVALSHA", "ZREM", "EVALSHA"]
     assert limiter.errors == 0
 
 
@@ -228,14 +238,7 @@ async def test_releases_made_together_share_one_zrem(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await limiter.hit("query", "warm-up", PLENTY)
-    sent: list[tuple[Any, ...]] = []
-    execute: Callable[..., Awaitable[Any]] = shared.execute_command
-
-    async def counting(*args: Any, **options: Any) -> Any:
-        sent.append(args)
-        return await execute(*args, **options)
-
-    monkeypatch.setattr(shared, "execute_command", counting)
+    sent = _record_commands(shared, monkeypatch)
     slot = _slot_key(redis_prefix, "alice")
     leave = asyncio.Event()
     entered = 0
