@@ -40,6 +40,14 @@ WRK_DIR = BENCH_DIR / "wrk"
 APPS_DIR = BENCH_DIR / "apps"
 PYTHON = sys.executable
 
+POOL_SIZE = 2000
+"""Agents per pool (and LLM connections) the service gets: no request waits for an agent."""
+DB_POOL_SIZE = 30
+DB_MAX_OVERFLOW = 0
+"""Both the floor and the service hold the same 30 connections open. (SQLAlchemy's QueuePool
+closes its overflow connections at checkin, and under load reopened them - TLS attempt, auth,
+statements prepared again - while asyncpg's pool keeps every connection it opened.)"""
+
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -689,8 +697,8 @@ def service_settings(
     res: RunResources,
     *,
     pool_size: int,
-    db_pool_size: int,
-    db_max_overflow: int = 0,
+    db_pool_size: int = DB_POOL_SIZE,
+    db_max_overflow: int = DB_MAX_OVERFLOW,
     llm_base_url: str | None = None,
     llm_max_connections: int | None = None,
 ) -> dict[str, str]:

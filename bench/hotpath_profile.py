@@ -314,10 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                 sim = h.simulator_server(res, args.upstream_latency_ms).start()
             settings = h.service_settings(
                 res,
-                pool_size=2000,
-                db_pool_size=30,
+                pool_size=h.POOL_SIZE,
                 llm_base_url=None if sim is None else f"{sim.url}/v1",
-                llm_max_connections=2000,
+                llm_max_connections=h.POOL_SIZE,
             )
             server = h.service_server(res, settings).start()
             try:

@@ -47,12 +47,7 @@ UPSTREAM_LATENCY_MS = 50.0
 UPSTREAM_CONCURRENCY = 32
 HIGH_LATENCY_MS = 2000.0
 HIGH_CONCURRENCY = 1000
-POOL_SIZE = 2000
-DB_POOL_SIZE = 30
-DB_MAX_OVERFLOW = 0
-"""Both the floor and the service hold the same 30 connections open. (SQLAlchemy's QueuePool
-closes its overflow connections at checkin, and under load reopened them - TLS attempt, auth,
-statements prepared again - while asyncpg's pool keeps every connection it opened.)"""
+POOL_SIZE, DB_POOL_SIZE, DB_MAX_OVERFLOW = h.POOL_SIZE, h.DB_POOL_SIZE, h.DB_MAX_OVERFLOW
 RSS_LIMIT_MIB = 300.0
 
 

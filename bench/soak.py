@@ -31,8 +31,6 @@ import harness as h
 
 SAMPLE_EVERY_S = 10.0
 GROWTH_LIMIT = 0.05
-POOL_SIZE = 2000
-DB_POOL_SIZE = 30
 SOAK_CONNECTIONS = 32
 
 
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         wrk = h.Wrk(h.ensure_wrk())
         h.raise_nofile()
         with h.RunResources(args.keep_logs) as res:
-            settings = h.service_settings(res, pool_size=POOL_SIZE, db_pool_size=DB_POOL_SIZE)
+            settings = h.service_settings(res, pool_size=h.POOL_SIZE)
             server = h.service_server(res, settings).start()
             try:
                 return soak(args, wrk, server, settings, machine)
