@@ -57,15 +57,22 @@ WHERE id = $1
 """
 
 LOAD_WITH_HISTORY = """SELECT s.owner, s.agent, s.message_count, s.history_digest, s.metadata::text,
-       s.created_at, s.updated_at,
-       m.role, m.content, m.tool_calls::text, m.tool_call_id, m.name
+       s.created_at, s.updated_at, h.roles, h.contents, h.tool_calls, h.tool_call_ids, h.names
 FROM sessions AS s
-LEFT OUTER JOIN messages AS m
-  ON m.session_id = s.id AND m.seq > s.message_count - $2::int
+LEFT JOIN LATERAL (
+    SELECT array_agg(m.role ORDER BY m.seq) AS roles,
+           array_agg(m.content ORDER BY m.seq) AS contents,
+           array_agg(m.tool_calls::text ORDER BY m.seq) AS tool_calls,
+           array_agg(m.tool_call_id ORDER BY m.seq) AS tool_call_ids,
+           array_agg(m.name ORDER BY m.seq) AS names
+    FROM messages AS m
+    WHERE m.session_id = s.id AND m.seq > s.message_count - $2::int
+) AS h ON true
 WHERE s.id = $1
-ORDER BY m.seq
 """
-"""Sequence numbers are dense (1..message_count), so the window is an index range."""
+"""One row: the session, and its window of messages as one array per column (twenty rows
+repeating the session's columns cost the client more to decode). Sequence numbers are dense
+(1..message_count), so the window is an index range."""
 
 # A turn is ONE statement: the session row (CTE `s`), then the messages, which join `s`:
 # if `s` wrote no row, no message is written either. It returns how many session rows it
@@ -161,19 +168,16 @@ class PostgresTurns:
         self, session_id: uuid.UUID, *, history_limit: int, with_history: bool
     ) -> SessionRecord | None:
         if with_history:
-            rows = await self._run(_fetch, LOAD_WITH_HISTORY, session_id, history_limit)
+            row = await self._run(_fetchrow, LOAD_WITH_HISTORY, session_id, history_limit)
         else:
-            rows = await self._run(_fetch, LOAD_SESSION, session_id)
-        if not rows:
+            row = await self._run(_fetchrow, LOAD_SESSION, session_id)
+        if row is None:
             return None
-        owner, agent, count, digest, metadata, created_at, updated_at = rows[0][:7]
+        owner, agent, count, digest, metadata, created_at, updated_at = row[:7]
         history: list[Message] = []
-        if with_history:
+        if with_history and row[7] is not None:  # None: no message in the window
             loads = self._json_loads
-            for row in rows:
-                role, content, tool_calls, tool_call_id, name = row[7:]
-                if role is None:  # the outer join found no message
-                    continue
+            for role, content, tool_calls, tool_call_id, name in zip(*row[7:], strict=True):
                 message: Message = {"role": role, "content": content}
                 if tool_calls is not None and tool_calls != "null":
                     calls = loads(tool_calls)
@@ -292,8 +296,8 @@ class PostgresTurns:
             pooled.close()
 
 
-async def _fetch(connection: Any, query: str, *args: Any) -> list[Any]:
-    return await connection.fetch(query, *args)  # type: ignore[no-any-return]
+async def _fetchrow(connection: Any, query: str, *args: Any) -> Any:
+    return await connection.fetchrow(query, *args)
 
 
 async def _fetchval(connection: Any, query: str, *args: Any) -> Any:
