@@ -306,15 +306,29 @@ class PromptTokenCounter:
         self._remembered = functools.lru_cache(maxsize=max_entries)(count_tokens)
 
     def __call__(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """The newest message is counted, not remembered: only the history comes back."""
+        """The newest message is counted, not remembered: only the history comes back.
+
+        The loop inlines the common case (string content, no tool calls): at 20 messages
+        the calls it saves were half of the counter's cost."""
+        if not messages:
+            return 0
+        remembered, max_chars, count = self._remembered, self._max_chars, self._count
         total = 0
-        last = len(messages) - 1
-        for index, message in enumerate(messages):
-            count = self._count if index < last else count_tokens
-            total += count(_text_of(message.get("content")))
+        for message in messages[:-1]:
+            content = message.get("content")
+            if type(content) is str:
+                if content:
+                    total += remembered(content) if len(content) <= max_chars else count(content)
+            else:
+                total += count(_text_of(content))
             if message.get("tool_calls"):
                 for call in _tool_calls_of(message):
                     total += count(str(_function_of(call).get("arguments") or ""))
+        newest = messages[-1]
+        total += count_tokens(_text_of(newest.get("content")))
+        if newest.get("tool_calls"):
+            for call in _tool_calls_of(newest):
+                total += count_tokens(str(_function_of(call).get("arguments") or ""))
         return total
 
     def _count(self, text: str) -> int:
