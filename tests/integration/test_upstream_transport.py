@@ -298,6 +298,24 @@ async def test_api_key_and_upstream_headers_are_sent(
     assert request.headers["x-org"] == "acme"
 
 
+async def test_cookies_the_upstream_sets_are_not_sent_back(
+    serve: Callable[[Script], Awaitable[Upstream]],
+) -> None:
+    async def with_cookie(request: Received, writer: asyncio.StreamWriter) -> bool:
+        return await send(writer, 200, completion_body(), {"Set-Cookie": "session=abc; Path=/"})
+
+    server = await serve(with_cookie)
+    async with build_http_client(
+        Settings(), UpstreamConfig(name="u", base_url=server.base_url)
+    ) as client:
+        model = OpenAICompatibleModel("u", client)
+        await model.complete(ask())
+        await model.complete(ask())
+        assert not client.cookies
+    assert [request.target for request in server.requests] == ["/v1/chat/completions"] * 2
+    assert all("cookie" not in request.headers for request in server.requests)
+
+
 async def test_http_proxy_from_the_environment_is_used(
     serve: Callable[[Script], Awaitable[Upstream]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
