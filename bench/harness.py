@@ -664,7 +664,10 @@ def baseline_server(res: RunResources) -> Server:
     return Server("baseline", argv, dict(os.environ), port, res.tmp, res.tmp / "baseline.log")
 
 
-def floor_server(res: RunResources, *, db_pool_size: int, db_max_overflow: int) -> Server:
+def floor_server(
+    res: RunResources, *, db_pool_size: int, db_max_overflow: int, upstream_url: str | None = None
+) -> Server:
+    """The floor app; with `upstream_url` (.../v1) a miss also asks that upstream."""
     port = free_port()
     argv = [PYTHON, "-m", "uvicorn", "floor:app", "--app-dir", str(APPS_DIR)]
     argv += ["--host", "127.0.0.1", "--port", str(port), *UVICORN_FLAGS]
@@ -676,7 +679,11 @@ def floor_server(res: RunResources, *, db_pool_size: int, db_max_overflow: int) 
         "FLOOR_DB_POOL_MIN": str(db_pool_size),
         "FLOOR_DB_POOL_MAX": str(db_pool_size + db_max_overflow),
     }
-    return Server("floor", argv, env, port, res.tmp, res.tmp / "floor.log")
+    name = "floor"
+    if upstream_url is not None:
+        env["FLOOR_UPSTREAM_URL"] = upstream_url
+        name = "floor-upstream"
+    return Server(name, argv, env, port, res.tmp, res.tmp / f"{name}.log")
 
 
 def write_agents_file(res: RunResources, pool_size: int) -> Path:

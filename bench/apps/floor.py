@@ -13,6 +13,9 @@ Configured by bench/run.py through the environment:
     FLOOR_DB_POOL_MIN / FLOOR_DB_POOL_MAX   asyncpg pool bounds (the service's pool_size and
                          pool_size + max_overflow)
     FLOOR_REDIS_MAX_CONNECTIONS             the service's REDIS_MAX_CONNECTIONS
+    FLOOR_UPSTREAM_URL   optional: an OpenAI-compatible base URL (.../v1). A cache miss then
+                         asks it for the answer (POST /chat/completions with the message,
+                         aiohttp, orjson) before the transaction: the floor of scenario 4.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+import aiohttp
 import asyncpg
 import orjson
 from fastapi import FastAPI, Request
@@ -36,6 +40,7 @@ KEY_PREFIX = os.environ.get("FLOOR_KEY_PREFIX", "agentserve-bench-floor:")
 POOL_MIN = int(os.environ.get("FLOOR_DB_POOL_MIN", "10"))
 POOL_MAX = int(os.environ.get("FLOOR_DB_POOL_MAX", "20"))
 REDIS_MAX_CONNECTIONS = int(os.environ.get("FLOOR_REDIS_MAX_CONNECTIONS", "50"))
+UPSTREAM_URL = os.environ.get("FLOOR_UPSTREAM_URL")
 TTL_SECONDS = 3600
 
 INSERT_SESSION = (
@@ -61,11 +66,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.redis = Redis.from_pool(
         BlockingConnectionPool.from_url(REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS)
     )
+    app.state.upstream = None
+    if UPSTREAM_URL:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        app.state.upstream = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        )
     try:
         yield
     finally:
+        if app.state.upstream is not None:
+            await app.state.upstream.close()
         await app.state.redis.aclose()
         await app.state.db.close()
+
+
+async def ask_upstream(session: aiohttp.ClientSession, message: str) -> str:
+    payload = {"model": "simulator", "messages": [{"role": "user", "content": message}]}
+    async with session.post(
+        f"{UPSTREAM_URL}/chat/completions",
+        data=orjson.dumps(payload),
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        response.raise_for_status()
+        data = orjson.loads(await response.read())
+    content: str = data["choices"][0]["message"]["content"]
+    return content
 
 
 app = FastAPI(title="bench floor", lifespan=lifespan, openapi_url=None, docs_url=None)
@@ -77,7 +103,13 @@ async def query(request: Request) -> Response:
     key = KEY_PREFIX + "floor:" + hashlib.sha256(message.encode()).hexdigest()
     redis: Redis = request.app.state.redis
     cached = await redis.get(key)
-    answer = cached.decode() if cached is not None else f"[floor] You said: {message}"
+    upstream: aiohttp.ClientSession | None = request.app.state.upstream
+    if cached is not None:
+        answer = cached.decode()
+    elif upstream is not None:
+        answer = await ask_upstream(upstream, message)
+    else:
+        answer = f"[floor] You said: {message}"
     session_id = uuid.uuid4()
     now = datetime.now(UTC)
     pool: asyncpg.Pool = request.app.state.db
