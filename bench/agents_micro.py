@@ -73,7 +73,7 @@ async def _lease_batches(pool: AgentPool[Any], batches: int, per_batch: int) -> 
 
 
 def _wired() -> tuple[Settings, dict[str, Any], Any, LLMGateway, dict[str, AgentPool[Agent]]]:
-    settings = Settings(_env_file=None, agents_file=PACKAGED_AGENTS_FILE)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, agents_file=PACKAGED_AGENTS_FILE)
     specs = load_agent_specs(settings.agents_file)
     tools = builtin_registry()
     metrics = Metrics(CollectorRegistry(auto_describe=True))

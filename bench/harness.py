@@ -404,7 +404,7 @@ class WrkResult:
 
     @property
     def rps(self) -> float:
-        return self.requests / (self.data["duration_us"] / 1e6)
+        return float(self.requests / (self.data["duration_us"] / 1e6))
 
     def latency_ms(self, key: str) -> float:
         return float(self.data["latency_us"][key]) / 1000

@@ -50,7 +50,7 @@ class RedisMonitor:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with self.client.monitor() as monitor:
+        with self.client.monitor() as monitor:  # type: ignore[no-untyped-call]  # redis-py
             self.ready.set()
             for event in monitor.listen():
                 command = str(event.get("command", ""))

@@ -663,14 +663,14 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[tuple[bool, str]]:
                 f"{high['rss_end_mib']:.0f} MiB (target <= {RSS_LIMIT_MIB:.0f} MB)",
             )
         )
-    errors = {k: rows[k].result.errors for k in rows if rows[k].result.errors}
+    failing = {k: rows[k].result.errors for k in rows if rows[k].result.errors}
     checks.append(
         (
-            not errors,
+            not failing,
             "errors: none in any scenario"
-            if not errors
+            if not failing
             else "errors: "
-            + ", ".join(f"{k} {n} ({rows[k].result.error_detail()})" for k, n in errors.items()),
+            + ", ".join(f"{k} {n} ({rows[k].result.error_detail()})" for k, n in failing.items()),
         )
     )
     micro = bench.extra.get("micro")

@@ -105,7 +105,7 @@ async def query(request: Request) -> Response:
     cached = await redis.get(key)
     upstream: aiohttp.ClientSession | None = request.app.state.upstream
     if cached is not None:
-        answer = cached.decode()
+        answer = cached.decode() if isinstance(cached, bytes) else str(cached)
     elif upstream is not None:
         answer = await ask_upstream(upstream, message)
     else:
