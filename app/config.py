@@ -26,6 +26,15 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 
 
+def _base_url_without_query(value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+    if value is not None and (value.query or value.fragment):
+        raise ValueError(
+            "an upstream's base URL takes no query string or fragment: the client appends "
+            "/chat/completions to it (put extra parameters in the upstream's `headers`)"
+        )
+    return value
+
+
 class UpstreamConfig(BaseModel):
     """One OpenAI-compatible endpoint (or the built-in simulator) in the fallback chain."""
 
@@ -37,6 +46,11 @@ class UpstreamConfig(BaseModel):
         default_factory=list, description="Model ids served here; empty means any model."
     )
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _path_only(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        return _base_url_without_query(value)
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -171,6 +185,11 @@ class Settings(BaseSettings):
     sim_error_status: int = Field(500, ge=400, le=599)
     sim_retry_after: float | None = Field(None, ge=0)
     sim_hang: bool = False
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _llm_base_url_path_only(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        return _base_url_without_query(value)
 
     @field_validator("llm_upstreams", mode="before")
     @classmethod

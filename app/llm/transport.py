@@ -105,7 +105,7 @@ class _AiohttpPool:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(),  # every request brings its own
                 auto_decompress=False,  # httpx decodes Content-Encoding
-                cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies
+                cookie_jar=aiohttp.DummyCookieJar(),  # cookies are httpx's business
                 skip_auto_headers=("Content-Type",),  # httpx sets the headers it means
                 # HTTP(S)_PROXY / NO_PROXY, as httpx honours them without a transport of ours;
                 # only when one is set: aiohttp then scans the environment on every request

@@ -68,7 +68,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.upstream = None
     if UPSTREAM_URL:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        # idle connections dropped before uvicorn's 5 s keep-alive closes them
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
         app.state.upstream = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar()
         )

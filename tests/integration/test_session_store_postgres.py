@@ -236,6 +236,50 @@ async def test_load_without_history_and_unknown_sessions(engine: AsyncEngine) ->
         assert await store.load(uuid.uuid4(), with_history=False) is None
 
 
+async def test_both_paths_read_a_session_without_messages_and_null_columns_alike(
+    engine: AsyncEngine,
+) -> None:
+    """Rows the API never writes, inserted by hand: a session with no message (the window's
+    arrays are NULL) and messages whose nullable columns are SQL NULL."""
+    fast, core = stores(engine)
+    sid = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO sessions (id, owner, agent, message_count, history_digest,"
+                " metadata, created_at, updated_at)"
+                " VALUES (:id, NULL, 'assistant', 0, '', '{}', now(), now())"
+            ),
+            {"id": sid},
+        )
+    empty = await fast.load(sid)
+    assert empty is not None
+    assert empty.history == []
+    assert empty == await core.load(sid)
+
+    async with engine.begin() as conn:
+        for seq, role, content in ((1, "user", "q"), (2, "assistant", None), (3, "tool", "x")):
+            await conn.execute(
+                text(
+                    "INSERT INTO messages (session_id, seq, role, content, prompt_tokens,"
+                    " completion_tokens, created_at) VALUES (:id, :seq, :role, :content, 0, 0,"
+                    " now())"
+                ),
+                {"id": sid, "seq": seq, "role": role, "content": content},
+            )
+        await conn.execute(
+            text("UPDATE sessions SET message_count = 3 WHERE id = :id"), {"id": sid}
+        )
+    record = await fast.load(sid)
+    assert record is not None
+    assert record.history == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None},
+        {"role": "tool", "content": "x"},
+    ]
+    assert record == await core.load(sid)
+
+
 async def test_the_window_is_the_last_messages_starting_at_a_user_message(
     engine: AsyncEngine,
 ) -> None:
