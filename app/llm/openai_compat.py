@@ -40,6 +40,8 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class _DiscardingJar(http.cookiejar.CookieJar):
+    """Drops every cookie set on it."""
+
     def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
         return None
 

@@ -322,13 +322,11 @@ class PromptTokenCounter:
             else:
                 total += count(_text_of(content))
             if message.get("tool_calls"):
-                for call in _tool_calls_of(message):
-                    total += count(str(_function_of(call).get("arguments") or ""))
+                total += _arguments_tokens(message, count)
         newest = messages[-1]
         total += count_tokens(_text_of(newest.get("content")))
         if newest.get("tool_calls"):
-            for call in _tool_calls_of(newest):
-                total += count_tokens(str(_function_of(call).get("arguments") or ""))
+            total += _arguments_tokens(newest, count_tokens)
         return total
 
     def _count(self, text: str) -> int:
@@ -337,6 +335,13 @@ class PromptTokenCounter:
         if len(text) > self._max_chars:
             return count_tokens(text)
         return self._remembered(text)
+
+
+def _arguments_tokens(message: Mapping[str, Any], count: Callable[[str], int]) -> int:
+    """Tokens of the arguments of a message's tool calls."""
+    return sum(
+        count(str(_function_of(call).get("arguments") or "")) for call in _tool_calls_of(message)
+    )
 
 
 def _collapse(text: str, limit: int) -> str:
