@@ -48,7 +48,6 @@ or failing (before the first stream chunk), ``per_token_latency_ms`` per complet
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import math
 import re
@@ -266,8 +265,27 @@ def _text_of(content: object) -> str:
     return str(content)
 
 
+def _ascii_class(code: int) -> int:
+    char = chr(code)
+    if char.isalnum() or char == "_":
+        return ord("a")  # \w
+    return ord(" ") if char.isspace() else ord(".")
+
+
+_ASCII_CLASSES = bytes(_ascii_class(code) for code in range(128)) + bytes(128)
+
+
 def count_tokens(text: str) -> int:
-    """Tokens in `text` according to the simulator's tokenizer (regex ``\\w+|[^\\w\\s]``)."""
+    """Tokens in `text` according to the simulator's tokenizer (regex ``\\w+|[^\\w\\s]``).
+
+    ASCII text is counted without the regex, exactly: each character becomes its class
+    (a word character, a space or anything else), and the tokens are the word runs plus the
+    other characters, counted with `bytes.count`. 5x the regex's speed on a 100-character
+    message (0.5 against 2.9 us); a conversation's whole history is counted on every turn.
+    """
+    if text.isascii():
+        classes = b" " + text.encode("ascii").translate(_ASCII_CLASSES)
+        return classes.count(b" a") + classes.count(b".a") + classes.count(b".")
     return len(_TOKEN_RE.findall(text))
 
 
@@ -290,57 +308,22 @@ def _function_of(call: Mapping[str, Any]) -> Mapping[str, Any]:
     return function if isinstance(function, Mapping) else {}
 
 
-class PromptTokenCounter:
-    """Prompt tokens of a conversation, remembering what each message counted.
-
-    A conversation is sent again with every turn, so the history's messages are counted
-    over and over; at 20 messages the regex was 11 % of an in-process turn's CPU, a cost a
-    real upstream pays on its own machines. functools' C LRU (a cachetools cache cost half
-    of what it saved); only texts up to `max_chars` are kept, so it holds at most
-    `max_entries` x `max_chars` characters (64 Mi). The entries must outnumber the messages
-    of the conversations in play: the bench's 512 sessions of 50 messages thrashed 8,192.
-    """
-
-    def __init__(self, max_entries: int = 65_536, max_chars: int = 1024) -> None:
-        self._max_chars = max_chars
-        self._remembered = functools.lru_cache(maxsize=max_entries)(count_tokens)
-
-    def __call__(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """The newest message is counted, not remembered: only the history comes back.
-
-        The loop inlines the common case (string content, no tool calls): at 20 messages
-        the calls it saves were half of the counter's cost."""
-        if not messages:
-            return 0
-        remembered, max_chars, count = self._remembered, self._max_chars, self._count
-        total = 0
-        for message in messages[:-1]:
-            content = message.get("content")
-            if type(content) is str:
-                if content:
-                    total += remembered(content) if len(content) <= max_chars else count(content)
-            else:
-                total += count(_text_of(content))
-            if message.get("tool_calls"):
-                total += _arguments_tokens(message, count)
-        newest = messages[-1]
-        total += count_tokens(_text_of(newest.get("content")))
-        if newest.get("tool_calls"):
-            total += _arguments_tokens(newest, count_tokens)
-        return total
-
-    def _count(self, text: str) -> int:
-        if not text:
-            return 0
-        if len(text) > self._max_chars:
-            return count_tokens(text)
-        return self._remembered(text)
+def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Prompt tokens of a conversation: its messages' texts and tool-call arguments."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        total += count_tokens(content if type(content) is str else _text_of(content))
+        if message.get("tool_calls"):
+            total += _arguments_tokens(message)
+    return total
 
 
-def _arguments_tokens(message: Mapping[str, Any], count: Callable[[str], int]) -> int:
+def _arguments_tokens(message: Mapping[str, Any]) -> int:
     """Tokens of the arguments of a message's tool calls."""
     return sum(
-        count(str(_function_of(call).get("arguments") or "")) for call in _tool_calls_of(message)
+        count_tokens(str(_function_of(call).get("arguments") or ""))
+        for call in _tool_calls_of(message)
     )
 
 
@@ -442,19 +425,15 @@ def _decide(payload: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, str
     return text, [], user_text
 
 
-def _answer(
-    payload: Mapping[str, Any], max_tokens: int | None, prompt_tokens_of: PromptTokenCounter
-) -> _Answer:
+def _answer(payload: Mapping[str, Any], max_tokens: int | None) -> _Answer:
     messages: list[Mapping[str, Any]] = payload["messages"]
     text, calls, user_text = _decide(payload)
-    prompt_tokens = prompt_tokens_of(messages)
+    prompt = prompt_tokens(messages)
     if text is not None:
         truncated = False
         if max_tokens is not None:
             text, truncated = _truncate(text, max(max_tokens, _MARKER_TOKENS))
-        return _Answer(
-            text, [], "length" if truncated else "stop", prompt_tokens, count_tokens(text)
-        )
+        return _Answer(text, [], "length" if truncated else "stop", prompt, count_tokens(text))
     digest = hashlib.sha256(f"{len(messages)}:{user_text}".encode()).hexdigest()[:12]
     budget = max_tokens
     finish_reason = "tool_calls"
@@ -473,7 +452,7 @@ def _answer(
             budget -= tokens
         completion_tokens += tokens
         tool_calls.append((f"call_{digest}_{index}", name, arguments))
-    return _Answer(None, tool_calls, finish_reason, prompt_tokens, completion_tokens)
+    return _Answer(None, tool_calls, finish_reason, prompt, completion_tokens)
 
 
 def _usage(answer: _Answer) -> dict[str, int]:
@@ -536,7 +515,6 @@ class Simulator:
     def __init__(self, knobs: SimulatorKnobs | None = None) -> None:
         self.knobs: SimulatorKnobs = knobs if knobs is not None else SimulatorKnobs()
         self.calls: int = 0
-        self._prompt_tokens = PromptTokenCounter()
 
     def reset(self) -> None:
         """Forget all calls: the count and the deterministic error sequence restart."""
@@ -575,7 +553,7 @@ class Simulator:
             if knobs.latency_ms:
                 await asyncio.sleep(knobs.latency_ms / 1000)
             raise self._failure(call)
-        answer = _answer(payload, call.max_tokens, self._prompt_tokens)
+        answer = _answer(payload, call.max_tokens)
         delay = knobs.latency_ms + knobs.per_token_latency_ms * answer.completion_tokens
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -623,7 +601,7 @@ class Simulator:
             await asyncio.sleep(knobs.latency_ms / 1000)
         if call.fails:
             raise self._failure(call)
-        answer = _answer(payload, call.max_tokens, self._prompt_tokens)
+        answer = _answer(payload, call.max_tokens)
         response_id = f"chatcmpl-sim-{call.number}"
         created = int(time.time())
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import re
+import string
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,13 +15,13 @@ import orjson
 import pytest
 
 from app.llm.simulator import (
-    PromptTokenCounter,
     SimulatedError,
     Simulator,
     SimulatorChatModel,
     SimulatorKnobs,
     count_tokens,
     create_app,
+    prompt_tokens,
 )
 from app.llm.types import ChatRequest, Completion, CompletionDelta, LLMError
 from app.llm.wire import StreamAccumulator, parse_completion
@@ -645,7 +648,7 @@ async def test_http_sim_controls() -> None:
     assert sim.calls == 0
 
 
-def test_prompt_token_counter_counts_like_the_tokenizer_and_stays_bounded() -> None:
+def test_prompt_tokens_count_every_message_and_tool_call() -> None:
     messages: list[dict[str, Any]] = [
         {"role": "user", "content": "What is 2 + 2?"},
         {
@@ -656,23 +659,38 @@ def test_prompt_token_counter_counts_like_the_tokenizer_and_stays_bounded() -> N
         {"role": "tool", "content": "4"},
         {"role": "user", "content": [{"type": "text", "text": "and again, please"}]},
     ]
-    expected = (
-        count_tokens("What is 2 + 2?")
-        + count_tokens('{"x": "2+2"}')
-        + count_tokens("4")
-        + count_tokens("and again, please")
-    )
-    counter = PromptTokenCounter(max_entries=8, max_chars=20)
-    assert counter(messages) == expected
-    assert counter(messages) == expected  # the history from memory, same answer
-    # the history's three texts are remembered; the newest message is not
-    assert counter._remembered.cache_info().currsize == 3
-    assert counter._remembered.cache_info().hits == 3
-    long_text = "word " * 20  # 100 characters: over the bound, counted but not kept
-    assert counter([{"role": "user", "content": long_text}, messages[-1]]) == 20 + count_tokens(
-        "and again, please"
-    )
-    assert counter._remembered.cache_info().currsize == 3
-    small = PromptTokenCounter(max_entries=2)
-    assert small(messages) == expected
-    assert small._remembered.cache_info().currsize == 2
+    assert (
+        prompt_tokens(messages) == 6 + 11 + 1 + 4
+    )  # What is 2 + 2 ? | { " x " : " 2 + 2 " } | 4 | ...
+    assert prompt_tokens([]) == 0
+
+
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "word",
+        "What is (12+30)*2?",
+        '[simulator] You said: "hi". This is a simulated answer, not a real model.',
+        '{"expression": "(12+30)*2"}',
+        "snake_case and CamelCase2 x_1",
+        "tabs\tand\nnewlines\r\x0b\x0c, \x1c\x1d\x1e\x1f separators",
+        "\x00control\x7f\x01chars",
+        "...!!!???",
+        "Wetter in Zürich? 天気 ☀️ émigré",  # not ASCII: the regex itself counts
+    ],
+)
+def test_count_tokens_is_the_regex_count(text: str) -> None:
+    assert count_tokens(text) == len(TOKEN_RE.findall(text))
+
+
+def test_count_tokens_matches_the_regex_on_random_ascii() -> None:
+    rng = random.Random(7)
+    alphabet = string.printable + "\x00\x01\x1c\x1f\x7f_"
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert count_tokens(text) == len(TOKEN_RE.findall(text)), repr(text)
