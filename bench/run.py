@@ -164,21 +164,9 @@ class Bench:
         rss_before = server.rss_mib()
         cpu_before = server.cpu_seconds()
         h.log(f"measuring {label}: wrk -c{connections} -d{duration}s ({script}.lua)")
-        if sample_rss:
-            with h.RSSSampler(server) as sampler:
-                result = self.wrk.run(
-                    label,
-                    server.url,
-                    script,
-                    connections=connections,
-                    duration=duration,
-                    env=env,
-                    timeout_s=timeout_s,
-                )
-            result.extra["rss_peak_mib"] = sampler.peak
-            result.extra["rss_end_mib"] = sampler.last
-        else:
-            result = self.wrk.run(
+
+        def run() -> h.WrkResult:
+            return self.wrk.run(
                 label,
                 server.url,
                 script,
@@ -187,6 +175,14 @@ class Bench:
                 env=env,
                 timeout_s=timeout_s,
             )
+
+        if sample_rss:
+            with h.RSSSampler(server) as sampler:
+                result = run()
+            result.extra["rss_peak_mib"] = sampler.peak
+            result.extra["rss_end_mib"] = sampler.last
+        else:
+            result = run()
         cpu = server.cpu_seconds() - cpu_before
         result.extra["server_cpu_s"] = cpu
         result.extra["cpu_ms_per_request"] = (

@@ -408,18 +408,27 @@ async def terminate(pids: list[int]) -> None:
     await asyncio.sleep(0.05)  # let the client side read the FATAL/EOF, or not: both count
 
 
+async def saved_session_on_one_connection(
+    engine: AsyncEngine,
+) -> tuple[SessionStore, uuid.UUID, SessionRecord, int]:
+    """A store on a one-connection pool holding one saved session, loaded once: the store,
+    the session's id and record, and the pid of the pool's backend."""
+    store = SessionStore(engine, history_limit=50)
+    sid = uuid.uuid4()
+    await store.save_turn(new_turn(sid, "q0", "a0"))
+    record = await store.load(sid)
+    assert record is not None
+    [pid] = await backend_pids(engine, 1)
+    return store, sid, record, pid
+
+
 @pytest.mark.parametrize("operation", ["load", "save_turn"])
 async def test_a_killed_connection_fails_one_call_then_a_fresh_one_serves(
     postgres_url: str, operation: str
 ) -> None:
     engine = create_async_engine(postgres_url, pool_size=1, max_overflow=0)
     try:
-        store = SessionStore(engine, history_limit=50)
-        sid = uuid.uuid4()
-        await store.save_turn(new_turn(sid, "q0", "a0"))
-        record = await store.load(sid)
-        assert record is not None
-        [old_pid] = await backend_pids(engine, 1)
+        store, sid, record, old_pid = await saved_session_on_one_connection(engine)
         await terminate([old_pid])
 
         call: Callable[[], Any]
@@ -469,12 +478,7 @@ async def test_a_cancelled_turn_closes_its_connection_and_writes_nothing(
     engine = create_async_engine(postgres_url, pool_size=1, max_overflow=0)
     locker = await asyncpg.connect(postgres_url.replace("+asyncpg", ""), timeout=5)
     try:
-        store = SessionStore(engine, history_limit=50)
-        sid = uuid.uuid4()
-        await store.save_turn(new_turn(sid, "q0", "a0"))
-        record = await store.load(sid)
-        assert record is not None
-        [old_pid] = await backend_pids(engine, 1)
+        store, sid, record, old_pid = await saved_session_on_one_connection(engine)
         lock = locker.transaction()
         await lock.start()
         await locker.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", sid)
