@@ -668,6 +668,27 @@ def test_prompt_tokens_count_every_message_and_tool_call() -> None:
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
 
+def test_prompt_tokens_are_the_sum_over_the_messages_whatever_their_edges() -> None:
+    """The prompt is counted in one pass over the joined texts: a text ending in a word
+    character next to one starting with one must still count as two tokens, not one."""
+    rng = random.Random(11)
+    alphabet = "ab_9 .,!?\t\n\x1fé天"
+    for _ in range(2_000):
+        messages: list[dict[str, Any]] = []
+        for _ in range(rng.randint(0, 6)):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            message: dict[str, Any] = {"role": rng.choice(["user", "assistant"]), "content": text}
+            if rng.random() < 0.2:
+                arguments = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+                message["tool_calls"] = [{"function": {"name": "f", "arguments": arguments}}]
+            messages.append(message)
+        texts = [m["content"] for m in messages] + [
+            call["function"]["arguments"] for m in messages for call in m.get("tool_calls", [])
+        ]
+        expected = sum(len(TOKEN_RE.findall(text)) for text in texts)
+        assert prompt_tokens(messages) == expected, messages
+
+
 @pytest.mark.parametrize(
     "text",
     [
