@@ -315,7 +315,8 @@ def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     holds whitespace, so a space between two texts neither joins nor splits a token and the
     count is exactly the sum of theirs. The whole history is counted on every turn, and one
     pass over it costs half as much as one call per message (53 messages of ~110
-    characters: 33 against 65 us).
+    characters: 33 against 65 us). A conversation with any text beyond ASCII is counted
+    text by text, so that only those texts pay for the regex.
     """
     texts: list[str] = []
     for message in messages:
@@ -323,7 +324,10 @@ def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
         texts.append(content if type(content) is str else _text_of(content))
         if message.get("tool_calls"):
             texts.extend(_arguments_texts(message))
-    return count_tokens(" ".join(texts))
+    joined = " ".join(texts)
+    if joined.isascii():
+        return count_tokens(joined)
+    return sum(count_tokens(text) for text in texts)
 
 
 def _arguments_texts(message: Mapping[str, Any]) -> list[str]:
