@@ -19,6 +19,7 @@ from app.llm.simulator import (
     Simulator,
     SimulatorChatModel,
     SimulatorKnobs,
+    _truncate,
     count_tokens,
     create_app,
     prompt_tokens,
@@ -205,6 +206,26 @@ async def test_max_tokens_truncates() -> None:
         Simulator(), user("Please summarise the plot of Hamlet", max_tokens=1000)
     )
     assert (roomy.content, roomy.finish_reason) == (full.content, "stop")
+
+
+def test_truncate_without_the_regex_cuts_exactly_as_the_regex_does() -> None:
+    """Text under the limit skips the regex; at or over it, the cut is the regex's own."""
+    token = re.compile(r"\w+|[^\w\s]")
+
+    def by_regex(text: str, limit: int) -> tuple[str, bool]:
+        for index, match in enumerate(token.finditer(text), start=1):
+            if index == limit:
+                return text[: match.end()], bool(token.search(text, match.end()))
+        return text, False
+
+    rng = random.Random(5)
+    alphabet = "ab_9 .,!?\t\n\x1fé天"
+    for _ in range(5_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+        limit = rng.randint(1, 12)
+        assert _truncate(text, limit) == by_regex(text, limit), (text, limit)
+    # exactly at the limit, trailing space goes as the regex has always cut it
+    assert _truncate("one two ", 2) == ("one two", False)
 
 
 async def test_usage_matches_tokenizer() -> None:
