@@ -223,9 +223,11 @@ def test_truncate_without_the_regex_cuts_exactly_as_the_regex_does() -> None:
     for _ in range(5_000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
         limit = rng.randint(1, 12)
-        assert _truncate(text, limit) == by_regex(text, limit), (text, limit)
+        cut, truncated, tokens = _truncate(text, limit)
+        assert (cut, truncated) == by_regex(text, limit), (text, limit)
+        assert tokens == count_tokens(cut), (text, limit)
     # exactly at the limit, trailing space goes as the regex has always cut it
-    assert _truncate("one two ", 2) == ("one two", False)
+    assert _truncate("one two ", 2) == ("one two", False, 2)
 
 
 async def test_usage_matches_tokenizer() -> None:
