@@ -23,6 +23,8 @@ Needs valgrind (``apt-get install -y valgrind``) besides what bench/run.py needs
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import re
 import shutil
@@ -31,6 +33,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
@@ -41,26 +44,83 @@ WARMUP_TURNS = 20
 COLLECTED = re.compile(r"Collected : (\d+)")
 
 
-async def _answer_turns(sessions_file: Path, turns: int) -> None:
-    """The child: warm-up turns, then `turns` turns, one per prepared session."""
+async def _answer_turns(sessions_file: Path, turns: int, http: bool) -> None:
+    """The child: warm-up turns, then `turns` turns, one per prepared session (a new session
+    per turn when the file lists none)."""
     from app.main import create_app
     from app.service import QueryInput
 
-    ids = [uuid.UUID(line) for line in sessions_file.read_text().split()]  # noqa: ASYNC240
+    ids: list[uuid.UUID | None] = [
+        uuid.UUID(line)
+        for line in sessions_file.read_text().split()  # noqa: ASYNC240
+    ]
+    if not ids:
+        ids = [None] * (WARMUP_TURNS + turns)
     if len(ids) < WARMUP_TURNS + turns:
         raise h.BenchError(f"{sessions_file} holds {len(ids)} sessions, {turns} turns need more")
     app = create_app()
     async with app.router.lifespan_context(app):
         service = app.state.runtime.service
         for index, session_id in enumerate(ids[: WARMUP_TURNS + turns]):
-            await service.answer(QueryInput(message=f"turn cost {index}", session_id=session_id))
+            message = f"turn cost {index} {sessions_file.stem}"
+            if http:
+                await _post_query(app, message, session_id)
+            else:
+                await service.answer(QueryInput(message=message, session_id=session_id))
 
 
-def _instructions(sessions_file: Path, turns: int, env: dict[str, str], out: Path | None) -> int:
+async def _post_query(app: Any, message: str, session_id: uuid.UUID | None) -> None:
+    """One `POST /query` through the app's ASGI callable: its middleware, routing, body
+    validation and rate limiter, as uvicorn would call it (uvicorn's own parsing and socket
+    I/O excepted)."""
+    payload: dict[str, str] = {"message": message}
+    if session_id is not None:
+        payload["session_id"] = str(session_id)
+    body = json.dumps(payload).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/query",
+        "raw_path": b"/query",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # nothing more comes; the app never waits for it
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    if status != [200]:
+        raise h.BenchError(f"POST /query answered {status}")
+
+
+def _instructions(
+    sessions_file: Path, turns: int, http: bool, env: dict[str, str], out: Path | None
+) -> int:
     """Instructions callgrind counted for a whole child process answering `turns` turns."""
     profile = "/dev/null" if out is None else str(out / f"{sessions_file.stem}.callgrind")
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={profile}"]
-    argv += [h.PYTHON, __file__, "--child", str(sessions_file), str(turns)]
+    argv += [h.PYTHON, __file__, "--child", str(sessions_file), str(turns), str(int(http))]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)  # noqa: S603
     found = COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
@@ -74,10 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--child"]:
         import uvloop
 
-        uvloop.run(_answer_turns(Path(args[1]), int(args[2])))
+        uvloop.run(_answer_turns(Path(args[1]), int(args[2]), args[3] == "1"))
         return 0
     parser = argparse.ArgumentParser(description="callgrind: instructions per continuation turn")
-    parser.add_argument("--messages", type=int, nargs="+", default=[20, 50, 1000])
+    parser.add_argument(
+        "--messages",
+        type=int,
+        nargs="+",
+        default=[20, 50, 1000],
+        help="session lengths; 0: a new session per turn (the full path)",
+    )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="send each turn as POST /query through the ASGI app (middleware, routing, "
+        "validation, rate limiter) instead of calling the service",
+    )
     parser.add_argument("--turns", type=int, nargs=2, default=[50, 250], metavar=("FEW", "MANY"))
     parser.add_argument(
         "--out", type=Path, help="keep callgrind's profiles here (for callgrind_annotate)"
@@ -97,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             for messages in parsed.messages:
                 for turns in (few, many):
                     count = WARMUP_TURNS + turns
-                    path = h.prepare_sessions(res, count, messages, first_index=first_index)
-                    first_index += count
-                    moved = path.with_name(f"turn-cost-{messages}-{turns}.txt")
-                    path.rename(moved)
+                    moved = res.tmp / f"turn-cost-{messages}-{turns}.txt"
+                    if messages == 0:
+                        moved.write_text("")
+                    else:
+                        path = h.prepare_sessions(res, count, messages, first_index=first_index)
+                        first_index += count
+                        path.rename(moved)
                     runs.append((messages, turns, moved))
             env = {
                 **h.clean_env(),
@@ -112,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 parsed.out.mkdir(parents=True, exist_ok=True)
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
                 totals = list(
-                    pool.map(lambda run: _instructions(run[2], run[1], env, parsed.out), runs)
+                    pool.map(
+                        lambda run: _instructions(run[2], run[1], parsed.http, env, parsed.out),
+                        runs,
+                    )
                 )
     except KeyboardInterrupt:
         return 130
@@ -124,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         by_length.setdefault(messages, {})[turns] = total
     per_turn = {m: (t[many] - t[few]) / (many - few) for m, t in by_length.items()}
     base = per_turn[min(per_turn)]
-    print(f"\ninstructions per continuation turn (callgrind, {few} and {many} turns)")
+    how = "POST /query through the ASGI app" if parsed.http else "the service called directly"
+    print(f"\ninstructions per turn ({how}; callgrind, {few} and {many} turns)")
     relative = f"turns/s vs {min(per_turn)}"
     print(f"{'messages in the session':>24} {'instructions':>14} {relative:>16}")
     for messages, cost in per_turn.items():
