@@ -42,9 +42,7 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeVar, cast
 
 import orjson
 from cachetools import TLRUCache
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -60,7 +58,6 @@ __all__ = [
     "ResponseCache",
     "cache_key",
     "create_cache_breaker",
-    "create_redis",
     "history_digest",
     "normalize_message",
 ]
@@ -71,9 +68,6 @@ T = TypeVar("T")
 
 KEY_VERSION = "agentserve-cache-v1"
 """Part of every key: bump it when the key derivation or the value encoding changes."""
-
-HEALTH_CHECK_INTERVAL = 5
-"""Seconds a pooled Redis connection may idle before it is PINGed ahead of its next use."""
 
 POLL_INTERVAL = (0.025, 0.05)
 """Seconds between polls (uniformly random in this range) while another replica computes."""
@@ -187,37 +181,6 @@ class CacheObserver(Protocol):
     def on_state(self, state: str) -> None:
         """``"ok"`` or ``"degraded"`` (breaker open or half-open)."""
         ...
-
-
-def create_redis(settings: Settings) -> Redis:
-    """The shared Redis client: fail fast, never retry, bounded pool.
-
-    Connect timeout = ``redis_socket_timeout``, ``Retry(NoBackoff(), 0)``. The pool is a
-    BlockingConnectionPool of ``redis_max_connections`` that waits at most the socket timeout
-    for a free connection: the plain pool raises "Too many connections" at once under a
-    burst, which the cache's breaker would mistake for an outage.
-
-    No socket (read/write) timeout inside redis-py: every caller bounds each whole operation
-    with ``asyncio.timeout`` instead (the cache's ``_call``, the limiter). redis-py's own
-    timeout wraps every write in ``asyncio.wait_for`` - a task per command on Python 3.11 -
-    and every read in another timeout: a measurable share of a request's CPU for a bound the
-    callers already set. A cancelled read disconnects the connection, so no stale reply is
-    read by the next command.
-    The caller owns the client and closes it (``await client.aclose()`` closes the pool).
-    """
-    if not settings.redis_url:
-        raise ValueError("REDIS_URL is not set")
-    timeout = settings.redis_socket_timeout
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=timeout,
-        socket_timeout=None,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-    )
-    return Redis.from_pool(pool)
 
 
 def create_cache_breaker(

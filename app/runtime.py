@@ -13,10 +13,11 @@ from app.agents.agent import Agent
 from app.agents.pool import AgentPool
 from app.agents.spec import AgentSpec, load_agent_specs
 from app.agents.tools import ToolRegistry, builtin_registry
-from app.cache import ResponseCache, create_redis
+from app.cache import ResponseCache
 from app.config import Settings
 from app.llm.gateway import LLMGateway
 from app.observability.metrics import Metrics
+from app.redis_client import create_redis
 from app.security.jwt import JWTVerifier
 from app.security.ratelimit import RateLimiter
 from app.service import QueryService

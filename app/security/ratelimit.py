@@ -45,7 +45,7 @@ Failure policy: Redis is a shared optimisation, never a dependency of a request.
 call (the script, the ZREM) runs under one `asyncio.timeout` of 3 x `socket_timeout` + 50 ms
 (about 4 us of CPU). It stays because the client's own timeouts do not bound the call: the
 app's shared client waits for a pooled connection, may have no read timeout of its own (see
-`app.cache.create_redis`), and a client passed in may retry or wait for its pool without
+`app.redis_client.create_redis`), and a client passed in may retry or wait for its pool without
 bound. Any Redis error is logged (at most one warning per interval), counted in
 `RateLimiter.errors`, and the call falls back to the in-process limiter: per-replica limits
 are better than none. After an error Redis is left alone for `fallback_seconds`, so an

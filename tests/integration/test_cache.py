@@ -13,8 +13,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-from app.cache import ResponseCache, create_cache_breaker, create_redis
+from app.cache import ResponseCache, create_cache_breaker
 from app.llm.breaker import BreakerState
+from app.redis_client import create_redis
 from tests.conftest import make_settings, wait_until
 from tests.redisserver import RedisServer
 from tests.simserver import unused_port
