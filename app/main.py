@@ -26,7 +26,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestEnvelope
 from app.config import Settings
 from app.observability.logging import configure_logging
-from app.observability.metrics import Metrics
+from app.observability.metrics import Metrics, http_instrumentation
 from app.observability.tracing import Tracing
 from app.runtime import build_runtime
 
@@ -125,12 +125,13 @@ def create_app(
         instance=settings.instance_name or socket.gethostname(),
         max_body_bytes=settings.max_body_bytes,
     )
+    registry = app.state.metrics.registry
     Instrumentator(
-        registry=app.state.metrics.registry,
+        registry=registry,
         excluded_handlers=["/metrics", "/health", "/ready"],
-    ).instrument(app, metric_namespace="agentserve").expose(
-        app, endpoint="/metrics", include_in_schema=True, tags=["operations"]
-    )
+    ).add(http_instrumentation(registry, "agentserve")).instrument(
+        app, metric_namespace="agentserve"
+    ).expose(app, endpoint="/metrics", include_in_schema=True, tags=["operations"])
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name="X-Request-ID",
