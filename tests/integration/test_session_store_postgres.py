@@ -21,7 +21,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from app.storage.postgres_turns import _is_unavailable
+from app.storage.postgres_turns import _in_seq_order, _is_unavailable
 from app.storage.sessions import (
     DatabaseUnavailableError,
     SessionBusyError,
@@ -291,6 +291,51 @@ async def test_the_window_is_the_last_messages_starting_at_a_user_message(
     assert record is not None
     assert [m["content"] for m in record.history] == ["q1", "a1"]  # a0 cut: not a user message
     assert record == await core.load(sid)
+
+
+async def test_the_window_comes_back_in_seq_order_whatever_order_the_server_reads(
+    postgres_url: str,
+) -> None:
+    """The fast path aggregates the window unordered and orders it itself: with the rows
+    stored backwards and only sequential scans allowed, the server reads them backwards."""
+    engine = create_async_engine(
+        postgres_url,
+        pool_size=1,
+        max_overflow=0,
+        connect_args={"server_settings": {"enable_indexscan": "off", "enable_bitmapscan": "off"}},
+    )
+    try:
+        fast = SessionStore(engine, history_limit=6)
+        core = SessionStore(engine, history_limit=6, asyncpg_fast_path=False)
+        sid = uuid.uuid4()
+        texts = [f"{'q' if i % 2 == 0 else 'a'}{i // 2}" for i in range(10)]
+        await fast.save_turn(new_turn(sid, *texts))
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "WITH gone AS (DELETE FROM messages WHERE session_id = :sid RETURNING *) "
+                    "INSERT INTO messages SELECT * FROM gone ORDER BY seq DESC"
+                ),
+                {"sid": sid},
+            )
+            read = await conn.execute(
+                text("SELECT array_agg(seq) FROM messages WHERE session_id = :sid"), {"sid": sid}
+            )
+            assert read.scalar_one() == list(range(10, 0, -1))  # what the server hands over
+        record = await fast.load(sid)
+        assert record is not None
+        assert [m["content"] for m in record.history] == texts[4:]
+        assert record == await core.load(sid)
+    finally:
+        await engine.dispose()
+
+
+def test_in_seq_order_reorders_every_column_alike() -> None:
+    seqs = [7, 5, 8, 6]
+    columns: list[list[Any]] = [["g", "e", "h", "f"], [70, 50, 80, 60]]
+    assert _in_seq_order(seqs, columns) == [["e", "f", "g", "h"], [50, 60, 70, 80]]
+    in_order: list[list[Any]] = [["e", "f"], [50, 60]]
+    assert _in_seq_order([5, 6], in_order) is in_order  # nothing copied when in order
 
 
 async def test_a_stale_turn_is_busy_and_writes_nothing(engine: AsyncEngine) -> None:
