@@ -304,6 +304,22 @@ class Server:
         # after "pid (comm)": state is fields[0], utime fields[11], stime fields[12]
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
+    def settle(self, quiet_s: float = 0.2, timeout_s: float = 5.0) -> None:
+        """Wait until the server has spent no CPU for `quiet_s` (at most `timeout_s`): wrk
+        drops the requests it has in flight when its time is up, and the server still
+        answers them. Measuring straight after a warm-up would count their CPU, and a
+        continuation could reach a session one of them is still answering (409)."""
+        deadline = time.monotonic() + timeout_s
+        last = self.cpu_seconds()
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.cpu_seconds()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+
     def log_size(self) -> int:
         try:
             return self.log_path.stat().st_size

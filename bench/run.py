@@ -160,6 +160,7 @@ class Bench:
                 notes.append(f"warm-up errors: {warm.error_detail()}")
         if not server.alive():
             raise h.BenchError(f"{server.name} died during the warm-up:\n{server.tail()}")
+        server.settle()
         offset = server.log_size()
         rss_before = server.rss_mib()
         cpu_before = server.cpu_seconds()
