@@ -14,6 +14,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import MaxConnectionsError
 from redis.utils import HIREDIS_AVAILABLE
 
 from app.config import Settings
@@ -30,8 +31,10 @@ class _HiredisPacking:
 
     Why: the asyncio client packs in Python (`pack_command`, one `Encoder.encode` per
     argument): ~19,000 instructions a command, 2.4 % of a /query turn (`bench/turn_cost.py
-    --http`). The bytes are the same (a test compares them), and
-    so are the errors (DataError for None, bool and the like)."""
+    --http`). For the str, bytes, int and float arguments this app sends, the bytes are the
+    same (a test compares them), and so are the errors for None and bool (DataError); a
+    value over 6,000 bytes is copied into the one buffer rather than sent as a chunk of its
+    own, and an enum is refused (DataError) where the Python packer sent its repr."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         return _HIREDIS_PACKER.pack(*args)  # type: ignore[no-any-return]
@@ -62,26 +65,33 @@ class WaitingConnectionPool(BlockingConnectionPool):
     Why: redis-py 8's BlockingConnectionPool takes an asyncio.Condition, arms a timeout and
     enters an async context manager for every connection it hands out, and takes the
     Condition again for every one it gets back: ~56,000 instructions a command, and a /query
-    turn sends four (6.5 % of the turn, `bench/turn_cost.py --http`). While a connection is free
-    or may be opened and nobody is waiting for one, none of that can change what happens, so
-    this pool then hands out and takes back connections as the plain ConnectionPool does
-    (same lock, same health check, same counts). As soon as one caller has to wait, every
-    get and release goes through the Condition (blocking, bounded by `timeout`, first come
-    first served), until nobody waits any more.
+    turn sends four (6.5 % of the turn, `bench/turn_cost.py --http`).
+
+    A get goes the plain ConnectionPool's way (its lock, its health check, no Condition, no
+    timer) when nobody waits, the pool's lock is free, no maintenance is under way and a
+    connection is free or may be opened; should the lock queue it until the last connection
+    is gone ("Too many connections"), it waits after all. A release goes the plain way under
+    the same conditions and when the connection needs no reconnect (so no await splits
+    taking it out of use from putting it back); if someone began to wait meanwhile, it
+    notifies. Everything else goes through BlockingConnectionPool, which waits at most
+    `timeout`. Relies on redis-py 8's `_lock` and `_in_maintenance` (pinned below 9 in
+    pyproject.toml; tests/unit/test_redis_pool.py exercises the races). redis-py's optional
+    OpenTelemetry metrics see no wait time for the gets that did not wait.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._waiting = 0
 
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
-        if self._waiting or self._in_maintenance or self._lock.locked():
-            return await self._get_connection_waiting()
-        if not self.can_get_connection():
-            return await self._get_connection_waiting()
-        return await ConnectionPool.get_connection(self)  # type: ignore[no-untyped-call]
+    def _uncontended(self) -> bool:
+        return not (self._waiting or self._in_maintenance or self._lock.locked())
 
-    async def _get_connection_waiting(self) -> Any:
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        if self._uncontended() and self.can_get_connection():
+            try:
+                return await ConnectionPool.get_connection(self)  # type: ignore[no-untyped-call]
+            except MaxConnectionsError:
+                pass  # queued on the lock while others took the last connections: wait
         self._waiting += 1
         try:
             return await BlockingConnectionPool.get_connection(self)  # type: ignore[no-untyped-call]
@@ -89,10 +99,13 @@ class WaitingConnectionPool(BlockingConnectionPool):
             self._waiting -= 1
 
     async def release(self, connection: AbstractConnection) -> None:
-        if self._waiting:
+        if not self._uncontended() or connection.should_reconnect():  # type: ignore[no-untyped-call]
             await super().release(connection)  # under the Condition, waking a waiter
-        else:
-            await ConnectionPool.release(self, connection)
+            return
+        await ConnectionPool.release(self, connection)
+        if self._waiting:  # someone began to wait while this release was suspended
+            async with self._condition:
+                self._condition.notify()
 
 
 def create_redis(settings: Settings) -> Redis:
@@ -123,8 +136,10 @@ def create_redis(settings: Settings) -> Redis:
         retry=Retry(NoBackoff(), 0),
         health_check_interval=HEALTH_CHECK_INTERVAL,
     )
-    encoding = pool.connection_kwargs.get("encoding", "utf-8").lower().replace("_", "-")
-    if HIREDIS_AVAILABLE and encoding in ("utf-8", "utf8"):  # hiredis encodes text as UTF-8
+    kwargs = pool.connection_kwargs
+    encoding = kwargs.get("encoding", "utf-8").lower().replace("_", "-")
+    strict = kwargs.get("encoding_errors", "strict") == "strict"
+    if HIREDIS_AVAILABLE and encoding in ("utf-8", "utf8") and strict:  # as hiredis encodes
         pool.connection_class = _HIREDIS_CONNECTIONS.get(
             pool.connection_class, pool.connection_class
         )

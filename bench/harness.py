@@ -304,11 +304,12 @@ class Server:
         # after "pid (comm)": state is fields[0], utime fields[11], stime fields[12]
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
-    def settle(self, quiet_s: float = 0.2, timeout_s: float = 5.0) -> None:
-        """Wait until the server has spent no CPU for `quiet_s` (at most `timeout_s`): wrk
-        drops the requests it has in flight when its time is up, and the server still
-        answers them. Measuring straight after a warm-up would count their CPU, and a
-        continuation could reach a session one of them is still answering (409)."""
+    def settle(self, quiet_s: float = 0.2, timeout_s: float = 5.0) -> bool:
+        """Wait until the server has spent no CPU for `quiet_s` (at most `timeout_s`; False
+        if it never did): wrk drops the requests it has in flight when its time is up, and
+        the server still answers them. Measuring straight after a warm-up would count their
+        CPU, and a continuation could reach a session one of them is still answering (409).
+        CPU time is read in clock ticks, so a server's idle timers may leave it "busy"."""
         deadline = time.monotonic() + timeout_s
         last = self.cpu_seconds()
         quiet_since = time.monotonic()
@@ -318,7 +319,9 @@ class Server:
             if now != last:
                 last, quiet_since = now, time.monotonic()
             elif time.monotonic() - quiet_since >= quiet_s:
-                return
+                return True
+        log(f"{self.name} was still busy {timeout_s:g}s after the warm-up; measuring anyway")
+        return False
 
     def log_size(self) -> int:
         try:

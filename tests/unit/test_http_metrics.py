@@ -31,9 +31,12 @@ def info(
     raw = [(b"content-type", b"application/json")]
     if response_length is not None:
         raw.append((b"content-length", response_length.encode()))
+    response = Response(content=b"", headers=Headers(raw=raw), status_code=200)
+    if response_length is None:
+        del response.headers["content-length"]  # Response adds one; the middleware's may not
     return metrics.Info(
         request=Request(scope),
-        response=Response(content=b"", headers=Headers(raw=raw), status_code=200),
+        response=response,
         method=method,
         modified_handler=handler,
         modified_status=status,
