@@ -20,7 +20,10 @@ class RequestEnvelope:
     * **X-Instance**: the replica that answered (load-balancer debugging, stack tests);
     * **a body limit**: 413 for bodies over `max_bytes`, by Content-Length up front or while
       a chunked body is read (the route's body parsing then fails with the same 413).
-      Hand-written: Starlette has no body limit and uvicorn only bounds headers;
+      Hand-written: uvicorn only bounds headers, and FastAPI's `max_body_size` (Starlette's
+      RequestBodyLimitMiddleware) sits outside the app's middleware: a body declared too
+      large gets a plain-text 413 without X-Request-ID, uncounted, and the middleware
+      inside sees a private exception of Starlette's (tried on FastAPI 0.165);
     * **the JSON 500**: an unexpected exception becomes the error shape here, inside the
       request-id and metrics middleware, so it still carries X-Request-ID and is counted
       (Starlette's own handler sits outside all of them).
