@@ -122,6 +122,8 @@ def create_redis(settings: Settings) -> Redis:
     and every read in another timeout: a measurable share of a request's CPU for a bound the
     callers already set. A cancelled read disconnects the connection, so no stale reply is
     read by the next command.
+    Commands are packed by hiredis when it is installed and the URL keeps the default
+    strict UTF-8 encoding (`_HiredisPacking`).
     The caller owns the client and closes it (``await client.aclose()`` closes the pool).
     """
     if not settings.redis_url:
