@@ -478,18 +478,26 @@ def derived(bench: Bench) -> dict[str, Any]:
             continue
         ideal = UPSTREAM_CONCURRENCY / (UPSTREAM_LATENCY_MS / 1000)
         steady = up.result.steady_rps(skip_s=1.0)
+        # One worker is one core: at this CPU per request it cannot answer more than
+        # 1/cpu requests a second, however the requests are scheduled.
+        cpu_ms = float(up.result.extra.get("cpu_ms_per_request", math.nan))
+        ceiling = 1000 / cpu_ms if cpu_ms > 0 else math.nan
         out[name] = {
             "ideal_rps": ideal,
             "steady_rps": steady,
             "fraction_of_ideal": steady / ideal,
             "added_p50_ms": up.result.p50_ms - UPSTREAM_LATENCY_MS,
             "added_p99_ms": up.result.p99_ms - UPSTREAM_LATENCY_MS,
+            "cpu_ceiling_rps": ceiling,
+            "cpu_ceiling_fraction": ceiling / ideal,
         }
         up.notes.insert(
             0,
             f"steady {steady:.0f}/s = {steady / ideal:.0%} of ideal {ideal:.0f}/s; "
             f"+{up.result.p50_ms - UPSTREAM_LATENCY_MS:.1f} ms p50, "
-            f"+{up.result.p99_ms - UPSTREAM_LATENCY_MS:.1f} ms p99 over 50 ms",
+            f"+{up.result.p99_ms - UPSTREAM_LATENCY_MS:.1f} ms p99 over 50 ms; "
+            f"one core at {cpu_ms:.2f} ms of CPU per request serves at most {ceiling:.0f}/s "
+            f"({ceiling / ideal:.0%} of ideal)",
         )
     if "floor_upstream" in rows:
         rows["floor_upstream"].notes.insert(

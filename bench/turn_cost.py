@@ -2,6 +2,7 @@
 counted by valgrind's callgrind: a figure this shared, noisy machine cannot move.
 
     .venv/bin/python bench/turn_cost.py [--messages 20 50 1000] [--turns 50 250] [--out DIR]
+                                        [--http] [--upstream]
 
 Why: the 1,000-against-20-messages target is a 10 % margin, and on this machine two wrk
 runs of the same code differ by more than that. callgrind counts the instructions a process
@@ -11,7 +12,9 @@ measure those.
 
 How: for each session length, the service runs in-process (the app factory and its
 lifespan, as uvicorn would build it; no HTTP) and answers one turn on each of a list of
-prepared sessions, each session once, so each holds exactly that many messages. The whole
+prepared sessions, each session once, so each holds exactly that many messages (`--http`:
+as `POST /query` through the ASGI app; `--upstream`: the LLM asked over HTTP, the simulator
+in a process of its own with no latency, as in scenario 4). The whole
 process runs under callgrind twice, with the two turn counts of `--turns` on separate,
 identical sessions; the difference of the totals over the difference of the counts is the
 cost of a turn, start-up and warm-up cancelled out. Sessions, database and Redis keys are
@@ -150,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         help="send each turn as POST /query through the ASGI app (middleware, routing, "
         "validation, rate limiter) instead of calling the service",
     )
+    parser.add_argument(
+        "--upstream",
+        action="store_true",
+        help="ask the simulator over HTTP (its own process, no latency) instead of in-process: "
+        "the path of scenario 4",
+    )
     parser.add_argument("--turns", type=int, nargs=2, default=[50, 250], metavar=("FEW", "MANY"))
     parser.add_argument(
         "--out", type=Path, help="keep callgrind's profiles here (for callgrind_annotate)"
@@ -177,21 +186,30 @@ def main(argv: list[str] | None = None) -> int:
                         first_index += count
                         path.rename(moved)
                     runs.append((messages, turns, moved))
+            upstream = h.simulator_server(res, 0).start() if parsed.upstream else None
             env = {
                 **h.clean_env(),
-                **h.service_settings(res, pool_size=64),
+                **h.service_settings(
+                    res,
+                    pool_size=64,
+                    llm_base_url=None if upstream is None else f"{upstream.url}/v1",
+                ),
                 "PYTHONHASHSEED": "0",
             }
             h.log(f"{len(runs)} callgrind runs, two at a time (~1-2 min each)")
             if parsed.out is not None:
                 parsed.out.mkdir(parents=True, exist_ok=True)
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-                totals = list(
-                    pool.map(
-                        lambda run: _instructions(run[2], run[1], parsed.http, env, parsed.out),
-                        runs,
+                try:
+                    totals = list(
+                        pool.map(
+                            lambda run: _instructions(run[2], run[1], parsed.http, env, parsed.out),
+                            runs,
+                        )
                     )
-                )
+                finally:
+                    if upstream is not None:
+                        upstream.stop()
     except KeyboardInterrupt:
         return 130
     except h.BenchError as exc:
@@ -203,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     per_turn = {m: (t[many] - t[few]) / (many - few) for m, t in by_length.items()}
     base = per_turn[min(per_turn)]
     how = "POST /query through the ASGI app" if parsed.http else "the service called directly"
+    if parsed.upstream:
+        how += ", the simulator over HTTP"
     print(f"\ninstructions per turn ({how}; callgrind, {few} and {many} turns)")
     relative = f"turns/s vs {min(per_turn)}"
     print(f"{'messages in the session':>24} {'instructions':>14} {relative:>16}")
