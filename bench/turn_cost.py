@@ -187,29 +187,29 @@ def main(argv: list[str] | None = None) -> int:
                         path.rename(moved)
                     runs.append((messages, turns, moved))
             upstream = h.simulator_server(res, 0).start() if parsed.upstream else None
-            env = {
-                **h.clean_env(),
-                **h.service_settings(
-                    res,
-                    pool_size=64,
-                    llm_base_url=None if upstream is None else f"{upstream.url}/v1",
-                ),
-                "PYTHONHASHSEED": "0",
-            }
-            h.log(f"{len(runs)} callgrind runs, two at a time (~1-2 min each)")
-            if parsed.out is not None:
-                parsed.out.mkdir(parents=True, exist_ok=True)
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-                try:
+            try:
+                env = {
+                    **h.clean_env(),
+                    **h.service_settings(
+                        res,
+                        pool_size=64,
+                        llm_base_url=None if upstream is None else f"{upstream.url}/v1",
+                    ),
+                    "PYTHONHASHSEED": "0",
+                }
+                h.log(f"{len(runs)} callgrind runs, two at a time (~1-2 min each)")
+                if parsed.out is not None:
+                    parsed.out.mkdir(parents=True, exist_ok=True)
+                with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
                     totals = list(
                         pool.map(
                             lambda run: _instructions(run[2], run[1], parsed.http, env, parsed.out),
                             runs,
                         )
                     )
-                finally:
-                    if upstream is not None:
-                        upstream.stop()
+            finally:
+                if upstream is not None:
+                    upstream.stop()
     except KeyboardInterrupt:
         return 130
     except h.BenchError as exc:
