@@ -17,23 +17,25 @@ window scripts, the slot script) and an awaited ZREM after it. Every round trip 
 redis-py costs this process CPU (command packing, a socket write, a read callback, reply
 parsing), and the service spends about 30 % of its CPU in redis-py. Now `RateLimiter.admit`
 runs ONE Lua script (`_ADMIT_LUA`) that checks the window, takes a slot, counts the request
-and returns what the RateLimit-* headers need; leaving gives the slot back with a ZREM in a
-task of its own, which the response does not wait for. Measured on the dev machine (local
-Redis 7, hiredis, uvloop, the app's pool settings, 2,000 sequential admissions x 5, process
-CPU per admission, ZREM included): 230 us before, 115 us now - half, as the round trips
-(4 -> 2, of which 1 before the response instead of 4); wall time 380 -> 195 us.
+and returns what the RateLimit-* headers need; leaving gives the slot back without waiting:
+the next admission's script carries the release (or a ZREM after `_RELEASE_DELAY` when none
+comes). Measured on the dev machine (local Redis 7, hiredis, uvloop, the app's pool
+settings, 2,000 sequential admissions x 5, process CPU per admission, ZREM included): 230 us
+with `limits`, 115 us with the script and a ZREM per release - half, as the round trips
+(4 -> 2, of which 1 before the response instead of 4); wall time 380 -> 195 us. Carrying the
+releases leaves one round trip per request under load.
 The script is line for line the algorithm of `limits`' acquire_sliding_window.lua,
 sliding_window.lua and `get_window_stats`, on the same key names, so replicas of the previous
 release (counting with `limits`) and of this one share their buckets during a rolling deploy.
 In process (no Redis, or Redis failing) `limits` still does the counting (MemoryStorage +
 SlidingWindowCounterRateLimiter) next to an in-process count of requests in flight.
 
-The release is not awaited, so an admission that follows in the same task can reach Redis
-before the ZREM. A client's next request in practice cannot: this process reads it only
-after the event loop has run the release task, which writes the ZREMs of every release of
-that loop turn at once, in one pipeline - unless the connection pool is exhausted, when the
-pipeline queues for a connection like any command and a request arriving meanwhile may find
-its last slot still held (429, Retry-After: 1).
+A release waits in this process until its next admission, whose script removes the waiting
+tokens before it counts anything, so a client's next request on this replica always finds
+its slot free. Another replica sees the slot held until then, or until the waiting releases
+go out on their own after `_RELEASE_DELAY` (50 ms), as one ZREM per identity in one
+pipeline: a client at its limit that moves to another replica at once may get a 429
+(Retry-After: 1) for a slot that is already free here.
 
 A request refused by either limit is not counted in the window: the window counts admitted
 requests only. For a rate refusal that is `limits`' own rule; for a concurrency refusal it
@@ -42,7 +44,7 @@ answers it never got (a refusal costs us one script call either way, counted or 
 request over both limits is refused as `rate` (the longer wait).
 
 Failure policy: Redis is a shared optimisation, never a dependency of a request. Every Redis
-call (the script, the ZREM) runs under one `asyncio.timeout` of 3 x `socket_timeout` + 50 ms
+call (the script, the ZREMs) runs under one `asyncio.timeout` of 3 x `socket_timeout` + 50 ms
 (about 4 us of CPU). It stays because the client's own timeouts do not bound the call: the
 app's shared client waits for a pooled connection, may have no read timeout of its own (see
 `app.redis_client.create_redis`), and a client passed in may retry or wait for its pool without
@@ -54,8 +56,9 @@ outage does not add a timeout to every request.
 Identities go into Redis keys only as SHA-256 hex digests, so nothing a caller sends (`:`,
 `*`, `{`, megabytes of text) can reach into another key or make keys unbounded.
 
-The script touches the window's keys and the slot set, which hash to different slots: fine on
-one Redis (what the app connects to), not on Redis Cluster.
+The script touches the window's keys, the slot set and the slot sets of the releases it
+carries (other identities' too), which hash to different slots: fine on one Redis (what the
+app connects to), not on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -95,15 +98,21 @@ _SCOPE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _WARN_INTERVAL = 10.0
 """At most one warning per this many seconds while Redis keeps failing."""
 _CONCURRENCY_RETRY_AFTER = 1.0
+_RELEASE_DELAY = 0.05
+"""Seconds a slot release waits for an admission to carry it before it is sent on its own."""
+_MAX_CARRIED = 256
+"""Tokens one admission carries at most (the rest wait for the next one, or the timer)."""
 
 _RATE_REFUSED, _CONCURRENCY_REFUSED = 1, 2  # the script's status; 0: admitted
 
 # KEYS[1], KEYS[2]: the previous and the current window's counters, named as `limits` names
-# them; KEYS[3] (absent: no concurrency limit): the identity's slot set.
-# ARGV: limit, window (ms), max in flight, lease (ms), token.
+# them; KEYS[3] (absent: no concurrency limit): the identity's slot set; then the slot sets of
+# the releases this call carries (the last ARGV[6] keys).
+# ARGV: limit, window (ms), max in flight, lease (ms), token, number of release keys, then
+# for each release key: its number of tokens and the tokens.
 # Returns {status, remaining, ms until the window frees capacity}; status 0: admitted
 # (counted, slot taken), 1: refused by the window, 2: refused by the slots. Refusals write
-# nothing but the window shift and the dropped leases.
+# nothing but the carried releases, the window shift and the dropped leases.
 #
 # The window is `limits`' sliding window counter: the current window's counter lives 2
 # windows (PX), so while its TTL is under one window it is really the previous window; it is
@@ -115,6 +124,18 @@ _RATE_REFUSED, _CONCURRENCY_REFUSED = 1, 2  # the script's status; 0: admitted
 _ADMIT_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
+
+local releases = tonumber(ARGV[6]) or 0
+local slots = nil
+if #KEYS - releases >= 3 then
+    slots = KEYS[3]
+end
+local at = 7
+for i = #KEYS - releases + 1, #KEYS do
+    local count = tonumber(ARGV[at])
+    redis.call('ZREM', KEYS[i], unpack(ARGV, at + 1, at + count))
+    at = at + count + 1
+end
 
 local current_ttl = redis.call('PTTL', KEYS[2])
 if current_ttl > 0 and current_ttl < window then
@@ -149,16 +170,16 @@ end
 if math.floor(previous_weight) + current_count + 1 > limit then
     return reply(1, current_count)
 end
-if KEYS[3] then
+if slots then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     local lease = tonumber(ARGV[4])
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. now)
-    if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', '(' .. now)
+    if redis.call('ZCARD', slots) >= tonumber(ARGV[3]) then
         return reply(2, current_count)
     end
-    redis.call('ZADD', KEYS[3], now + lease, ARGV[5])
-    redis.call('PEXPIRE', KEYS[3], lease)
+    redis.call('ZADD', slots, now + lease, ARGV[5])
+    redis.call('PEXPIRE', slots, lease)
 end
 if current then
     redis.call('INCR', KEYS[2])
@@ -293,7 +314,7 @@ class RateLimiter:
         self._suppressed = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: dict[str, list[str]] = {}
-        self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
         self._local_storage = MemoryStorage()
@@ -358,17 +379,26 @@ class RateLimiter:
             if max_in_flight:
                 token = secrets.token_hex(16)
                 keys.append(f"{self._concurrency_prefix}{scope}:{digest}")
-            args = (item.amount, item.get_expiry() * 1000, max_in_flight, self._lease_ms, token)
+            args: list[str | int] = [
+                item.amount,
+                item.get_expiry() * 1000,
+                max_in_flight,
+                self._lease_ms,
+                token,
+            ]
+            carried = self._carry_releases(keys, args)
             try:
                 async with asyncio.timeout(self._deadline):
                     reply = await self._admit_script(keys=keys, args=args)
             except _BACKEND_ERRORS as exc:
                 self._redis_failed("rate limit", exc)
+                self._put_back(carried)
                 if token:
                     # The script may have run before the timeout: drop the token in case it did
                     # (the count, if any, stays: one request too many at worst).
                     self._spawn(self._remove_token(keys[2], token))
             except asyncio.CancelledError:
+                self._put_back(carried)
                 if token:
                     self._spawn(self._remove_token(keys[2], token))
                 raise
@@ -424,26 +454,72 @@ class RateLimiter:
     # --- release -------------------------------------------------------------------------
 
     def _release(self, scope: str, digest: str, token: str | None) -> None:
-        """Give a slot back. Never awaits: in Redis the ZREM runs in a task of its own, which
-        the response does not wait for, and which a cancelled request cannot cancel.
+        """Give a slot back. Never awaits: in Redis the token waits to be carried by this
+        process's next admission (whatever its identity), whose script removes it before it
+        counts anything, or for `_RELEASE_DELAY`, whichever comes first.
 
-        Releases are batched: those made before the flush task starts (the rest of this turn
-        of the event loop) go out as one ZREM per identity with every token, so under load a
-        slot costs a fraction of a round trip to give back."""
+        Why not a ZREM right away: under load an admission follows within a millisecond or
+        two, so carrying the release saves a round trip per request (196,000 instructions of a
+        full-path turn, 6.5 %: docs/performance.md). A client's next request on this replica
+        always finds its slot free; on another replica the slot may look held for up to
+        `_RELEASE_DELAY` longer than before (a 429 with Retry-After: 1 for a client that was
+        at its limit anyway)."""
         if token is None:
             self._release_locally(f"{scope}:{digest}")
             return
         redis_key = f"{self._concurrency_prefix}{scope}:{digest}"
         self._releases.setdefault(redis_key, []).append(token)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        self._schedule_flush()
+
+    def _carry_releases(self, keys: list[str], args: list[str | int]) -> dict[str, list[str]]:
+        """Move up to `_MAX_CARRIED` waiting release tokens into a script call's keys and
+        arguments (the script's layout); returns them, to be put back if the call fails."""
+        carried: dict[str, list[str]] = {}
+        room = _MAX_CARRIED
+        while self._releases and room > 0:
+            redis_key, tokens = next(iter(self._releases.items()))
+            taken, left = tokens[:room], tokens[room:]
+            if left:
+                self._releases[redis_key] = left
+            else:
+                del self._releases[redis_key]
+            carried[redis_key] = taken
+            room -= len(taken)
+        args.append(len(carried))
+        for redis_key, taken in carried.items():
+            keys.append(redis_key)
+            args.append(len(taken))
+            args.extend(taken)
+        if not self._releases and self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        return carried
+
+    def _put_back(self, carried: dict[str, list[str]]) -> None:
+        """Releases a failed or cancelled script call may not have run: wait again (a ZREM of
+        tokens already removed is harmless)."""
+        if not carried:
+            return
+        for redis_key, tokens in carried.items():
+            self._releases.setdefault(redis_key, []).extend(tokens)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(_RELEASE_DELAY, self._flush_due)
+
+    def _flush_due(self) -> None:
+        """No admission came within `_RELEASE_DELAY`: send the waiting releases on their own."""
+        self._flush_timer = None
+        if self._releases:
             self._spawn(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        """Send the batch: one ZREM per identity, all in one pipeline (one write, one wait)."""
-        # A new task first runs on the loop's next turn: releases made until then join it.
+        """Send the waiting releases: one ZREM per identity, all in one pipeline."""
         batch, self._releases = self._releases, {}
-        self._flush_scheduled = False
+        if not batch:
+            return
         assert self._redis is not None
         try:
             async with asyncio.timeout(self._deadline):
@@ -513,6 +589,11 @@ class RateLimiter:
         if self._closed:
             return
         self._closed = True
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._releases:
+            self._spawn(self._flush_releases())
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._deadline * 2)
         timer = self._local_storage.timer

@@ -7,12 +7,15 @@ import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.security import ratelimit
 from app.security.ratelimit import (
     RateLimiter,
     RateLimitExceeded,
@@ -301,6 +304,75 @@ async def test_cancelled_requests_give_their_slot_back(
 
     await _wait_for_slot(limiter)
     assert limiter.errors == 0
+
+
+async def test_a_release_rides_on_the_next_admission(
+    make_limiter: LimiterFactory, redis_url: str, redis_prefix: str, monkeypatch: Any
+) -> None:
+    """Under load the next admission comes before the release timer: its script removes the
+    waiting tokens, whatever identity it admits, and no ZREM of their own is needed."""
+    monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)  # only an admission can carry it
+    limiter = make_limiter()
+    client = Redis.from_url(redis_url)
+    alice = f"{redis_prefix}cc:query:{hashlib.sha256(b'alice').hexdigest()}"
+    try:
+        async with AsyncExitStack() as held:  # three at once; left together
+            for _ in range(3):
+                await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 3))
+        assert await client.zcard(alice) == 3  # the releases wait
+        async with limiter.admit("query", "bob", PLENTY, 3):
+            assert await client.zcard(alice) == 0  # carried by bob's admission
+        assert limiter.errors == 0
+    finally:
+        await client.aclose()
+
+
+async def test_an_admission_carries_a_bounded_number_of_releases(
+    make_limiter: LimiterFactory, redis_url: str, redis_prefix: str, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)
+    monkeypatch.setattr(ratelimit, "_MAX_CARRIED", 2)
+    limiter = make_limiter()
+    client = Redis.from_url(redis_url)
+    alice = f"{redis_prefix}cc:query:{hashlib.sha256(b'alice').hexdigest()}"
+    try:
+        async with AsyncExitStack() as held:
+            for _ in range(3):
+                await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 3))
+        await limiter.hit("sessions", "bob", PLENTY)  # no slot of its own, still a carrier
+        assert await client.zcard(alice) == 1
+        await limiter.hit("sessions", "bob", PLENTY)
+        assert await client.zcard(alice) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_releases_go_out_on_their_own_when_no_admission_comes(
+    make_limiter: LimiterFactory, until_held: UntilHeld, redis_url: str, redis_prefix: str
+) -> None:
+    limiter = make_limiter()
+    async with limiter.admit("query", "alice", PLENTY, 1):
+        pass
+    await until_held(limiter, 0)  # the timer's ZREM, within _RELEASE_DELAY
+    assert limiter.errors == 0
+
+
+async def test_releases_carried_by_a_failed_admission_are_sent_again(
+    make_limiter: LimiterFactory, until_held: UntilHeld, monkeypatch: Any
+) -> None:
+    """The script may not have run: the tokens it carried wait again for the timer."""
+    limiter = make_limiter()
+    async with limiter.admit("query", "alice", PLENTY, 1):
+        pass
+
+    async def refused(**_: Any) -> Any:
+        raise RedisConnectionError("connection refused")
+
+    monkeypatch.setattr(limiter, "_admit_script", refused)
+    async with limiter.admit("query", "bob", PLENTY, 1):  # falls back to process limits
+        pass
+    assert limiter.errors == 1
+    await until_held(limiter, 0)
 
 
 async def _wait_for_slot(limiter: RateLimiter) -> None:
