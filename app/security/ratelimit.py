@@ -18,24 +18,27 @@ redis-py costs this process CPU (command packing, a socket write, a read callbac
 parsing), and the service spends about 30 % of its CPU in redis-py. Now `RateLimiter.admit`
 runs ONE Lua script (`_ADMIT_LUA`) that checks the window, takes a slot, counts the request
 and returns what the RateLimit-* headers need; leaving gives the slot back without waiting:
-the next admission's script carries the release (or a ZREM after `_RELEASE_DELAY` when none
-comes). Measured on the dev machine (local Redis 7, hiredis, uvloop, the app's pool
-settings, 2,000 sequential admissions x 5, process CPU per admission, ZREM included): 230 us
-with `limits`, 115 us with the script and a ZREM per release - half, as the round trips
-(4 -> 2, of which 1 before the response instead of 4); wall time 380 -> 195 us. Carrying the
-releases leaves one round trip per request under load.
+the identity's next admission carries the release in its script (or a ZREM goes out after
+`_RELEASE_DELAY` when none comes). Measured on the dev machine (local Redis 7, hiredis,
+uvloop, the app's pool settings, 2,000 sequential admissions x 5, process CPU per
+admission, ZREM included): 230 us with `limits`, 115 us with the script and a ZREM per
+release - half, as the round trips (4 -> 2, of which 1 before the response instead of 4);
+wall time 380 -> 195 us. Carrying the releases leaves one round trip per request for a
+client that keeps sending.
 The script is line for line the algorithm of `limits`' acquire_sliding_window.lua,
 sliding_window.lua and `get_window_stats`, on the same key names, so replicas of the previous
 release (counting with `limits`) and of this one share their buckets during a rolling deploy.
 In process (no Redis, or Redis failing) `limits` still does the counting (MemoryStorage +
 SlidingWindowCounterRateLimiter) next to an in-process count of requests in flight.
 
-A release waits in this process until its next admission, whose script removes the waiting
-tokens before it counts anything, so a client's next request on this replica always finds
-its slot free. Another replica sees the slot held until then, or until the waiting releases
-go out on their own after `_RELEASE_DELAY` (50 ms), as one ZREM per identity in one
-pipeline: a client at its limit that moves to another replica at once may get a 429
-(Retry-After: 1) for a slot that is already free here.
+A release waits in this process for the identity's next admission here, whose script removes
+the waiting tokens before it counts the slots, so a client's next request on this replica
+finds its slot free. Otherwise the waiting releases go out on their own after
+`_RELEASE_DELAY` (50 ms), every identity's at once, as one ZREM per identity in one
+pipeline. Until then another replica sees the slot held: a client at its limit that moves
+to another replica at once may get a 429 (Retry-After: 1) for a slot that is free here. A
+request that arrives while that pipeline is on its way (or waiting for a pooled connection)
+may also find its last slot still held.
 
 A request refused by either limit is not counted in the window: the window counts admitted
 requests only. For a rate refusal that is `limits`' own rule; for a concurrency refusal it
@@ -56,9 +59,8 @@ outage does not add a timeout to every request.
 Identities go into Redis keys only as SHA-256 hex digests, so nothing a caller sends (`:`,
 `*`, `{`, megabytes of text) can reach into another key or make keys unbounded.
 
-The script touches the window's keys, the slot set and the slot sets of the releases it
-carries (other identities' too), which hash to different slots: fine on one Redis (what the
-app connects to), not on Redis Cluster.
+The script touches the window's keys and the slot set, which hash to different slots: fine on
+one Redis (what the app connects to), not on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -101,15 +103,15 @@ _CONCURRENCY_RETRY_AFTER = 1.0
 _RELEASE_DELAY = 0.05
 """Seconds a slot release waits for an admission to carry it before it is sent on its own."""
 _MAX_CARRIED = 256
-"""Tokens one admission carries at most (the rest wait for the next one, or the timer)."""
+"""Released tokens one admission carries at most (the rest wait for the next one, or the
+timer); an identity has at most as many as its slots, unless those are set very high."""
 
 _RATE_REFUSED, _CONCURRENCY_REFUSED = 1, 2  # the script's status; 0: admitted
 
 # KEYS[1], KEYS[2]: the previous and the current window's counters, named as `limits` names
-# them; KEYS[3] (absent: no concurrency limit): the identity's slot set; then the slot sets of
-# the releases this call carries (the last ARGV[6] keys).
-# ARGV: limit, window (ms), max in flight, lease (ms), token, number of release keys, then
-# for each release key: its number of tokens and the tokens.
+# them; KEYS[3] (absent: no concurrency limit): the identity's slot set.
+# ARGV: limit, window (ms), max in flight, lease (ms), token, then the identity's released
+# tokens this call carries (removed from KEYS[3] before the slots are counted).
 # Returns {status, remaining, ms until the window frees capacity}; status 0: admitted
 # (counted, slot taken), 1: refused by the window, 2: refused by the slots. Refusals write
 # nothing but the carried releases, the window shift and the dropped leases.
@@ -125,16 +127,8 @@ _ADMIT_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 
-local releases = tonumber(ARGV[6]) or 0
-local slots = nil
-if #KEYS - releases >= 3 then
-    slots = KEYS[3]
-end
-local at = 7
-for i = #KEYS - releases + 1, #KEYS do
-    local count = tonumber(ARGV[at])
-    redis.call('ZREM', KEYS[i], unpack(ARGV, at + 1, at + count))
-    at = at + count + 1
+if KEYS[3] and #ARGV > 5 then
+    redis.call('ZREM', KEYS[3], unpack(ARGV, 6))
 end
 
 local current_ttl = redis.call('PTTL', KEYS[2])
@@ -170,16 +164,16 @@ end
 if math.floor(previous_weight) + current_count + 1 > limit then
     return reply(1, current_count)
 end
-if slots then
+if KEYS[3] then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     local lease = tonumber(ARGV[4])
-    redis.call('ZREMRANGEBYSCORE', slots, '-inf', '(' .. now)
-    if redis.call('ZCARD', slots) >= tonumber(ARGV[3]) then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. now)
+    if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then
         return reply(2, current_count)
     end
-    redis.call('ZADD', slots, now + lease, ARGV[5])
-    redis.call('PEXPIRE', slots, lease)
+    redis.call('ZADD', KEYS[3], now + lease, ARGV[5])
+    redis.call('PEXPIRE', KEYS[3], lease)
 end
 if current then
     redis.call('INCR', KEYS[2])
@@ -350,8 +344,8 @@ class RateLimiter:
         of `async with ... as state` (`state`: for the RateLimit-* headers).
 
         Entering raises RateLimitExceeded(kind="rate" or "concurrency"); a refused request is
-        not counted. Leaving gives the slot back without waiting for Redis (a task of its
-        own, so also when the caller is cancelled). Bad arguments raise ValueError here.
+        not counted. Leaving gives the slot back without waiting for Redis, also when the
+        caller is cancelled (`_release`). Bad arguments raise ValueError here.
         """
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
@@ -375,33 +369,27 @@ class RateLimiter:
         if self._redis is not None and self._redis_usable():
             window_key = f"{self._window_prefix}{{{item.key_for(scope, digest)}}}"
             keys = [f"{window_key}/-1", window_key]
-            token = ""
+            token = slots = ""
+            carried: list[str] = []
             if max_in_flight:
                 token = secrets.token_hex(16)
-                keys.append(f"{self._concurrency_prefix}{scope}:{digest}")
-            args: list[str | int] = [
-                item.amount,
-                item.get_expiry() * 1000,
-                max_in_flight,
-                self._lease_ms,
-                token,
-            ]
-            carried = self._carry_releases(keys, args)
+                slots = f"{self._concurrency_prefix}{scope}:{digest}"
+                keys.append(slots)
+                carried = self._carry_releases(slots)
+            args = (item.amount, item.get_expiry() * 1000, max_in_flight, self._lease_ms, token)
             try:
                 async with asyncio.timeout(self._deadline):
-                    reply = await self._admit_script(keys=keys, args=args)
-            except _BACKEND_ERRORS as exc:
+                    reply = await self._admit_script(keys=keys, args=(*args, *carried))
+            except BaseException as exc:
+                if token:
+                    # The script may have run before the timeout or the cancellation: drop the
+                    # token in case it did (the count, if any, stays: one request too many at
+                    # worst), and let the releases it carried wait again.
+                    self._put_back(slots, carried)
+                    self._spawn(self._remove_token(slots, token))
+                if not isinstance(exc, _BACKEND_ERRORS):
+                    raise  # cancelled, or a bug
                 self._redis_failed("rate limit", exc)
-                self._put_back(carried)
-                if token:
-                    # The script may have run before the timeout: drop the token in case it did
-                    # (the count, if any, stays: one request too many at worst).
-                    self._spawn(self._remove_token(keys[2], token))
-            except asyncio.CancelledError:
-                self._put_back(carried)
-                if token:
-                    self._spawn(self._remove_token(keys[2], token))
-                raise
             else:
                 status, remaining, reset_ms = (int(value) for value in reply)
                 reset_after = reset_ms / 1000
@@ -454,16 +442,14 @@ class RateLimiter:
     # --- release -------------------------------------------------------------------------
 
     def _release(self, scope: str, digest: str, token: str | None) -> None:
-        """Give a slot back. Never awaits: in Redis the token waits to be carried by this
-        process's next admission (whatever its identity), whose script removes it before it
-        counts anything, or for `_RELEASE_DELAY`, whichever comes first.
+        """Give a slot back. Never awaits: in Redis the token waits for the identity's next
+        admission, whose script removes it before counting the slots, or for
+        `_RELEASE_DELAY`, whichever comes first (after `aclose`, it goes out at once).
 
-        Why not a ZREM right away: under load an admission follows within a millisecond or
-        two, so carrying the release saves a round trip per request (196,000 instructions of a
-        full-path turn, 6.5 %: docs/performance.md). A client's next request on this replica
-        always finds its slot free; on another replica the slot may look held for up to
-        `_RELEASE_DELAY` longer than before (a 429 with Retry-After: 1 for a client that was
-        at its limit anyway)."""
+        Why not a ZREM right away: a client that keeps sending comes back within the delay,
+        and carrying its releases saves a round trip per request (190,000 instructions of a
+        turn, 5.5-5.7 %: docs/performance.md); the others' releases go out together, one
+        pipeline per delay."""
         if token is None:
             self._release_locally(f"{scope}:{digest}")
             return
@@ -471,41 +457,31 @@ class RateLimiter:
         self._releases.setdefault(redis_key, []).append(token)
         self._schedule_flush()
 
-    def _carry_releases(self, keys: list[str], args: list[str | int]) -> dict[str, list[str]]:
-        """Move up to `_MAX_CARRIED` waiting release tokens into a script call's keys and
-        arguments (the script's layout); returns them, to be put back if the call fails."""
-        carried: dict[str, list[str]] = {}
-        room = _MAX_CARRIED
-        while self._releases and room > 0:
-            redis_key, tokens = next(iter(self._releases.items()))
-            taken, left = tokens[:room], tokens[room:]
-            if left:
-                self._releases[redis_key] = left
-            else:
-                del self._releases[redis_key]
-            carried[redis_key] = taken
-            room -= len(taken)
-        args.append(len(carried))
-        for redis_key, taken in carried.items():
-            keys.append(redis_key)
-            args.append(len(taken))
-            args.extend(taken)
-        if not self._releases and self._flush_timer is not None:
+    def _carry_releases(self, redis_key: str) -> list[str]:
+        """Take up to `_MAX_CARRIED` of an identity's waiting release tokens, for its
+        admission's script to remove (put back if the call fails)."""
+        tokens = self._releases.pop(redis_key, None)
+        if not tokens:
+            return []
+        if len(tokens) > _MAX_CARRIED:
+            self._releases[redis_key] = tokens[_MAX_CARRIED:]
+            tokens = tokens[:_MAX_CARRIED]
+        elif not self._releases and self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        return carried
+        return tokens
 
-    def _put_back(self, carried: dict[str, list[str]]) -> None:
-        """Releases a failed or cancelled script call may not have run: wait again (a ZREM of
-        tokens already removed is harmless)."""
-        if not carried:
-            return
-        for redis_key, tokens in carried.items():
-            self._releases.setdefault(redis_key, []).extend(tokens)
-        self._schedule_flush()
+    def _put_back(self, redis_key: str, carried: list[str]) -> None:
+        """Release tokens a failed or cancelled script call may not have removed: they wait
+        again (removing a token twice is harmless)."""
+        if carried:
+            self._releases.setdefault(redis_key, []).extend(carried)
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        if self._flush_timer is None:
+        if self._closed:
+            self._spawn(self._flush_releases())
+        elif self._flush_timer is None:
             loop = asyncio.get_running_loop()
             self._flush_timer = loop.call_later(_RELEASE_DELAY, self._flush_due)
 
@@ -532,7 +508,7 @@ class RateLimiter:
                         pipe.zrem(redis_key, *tokens)
                     await pipe.execute()
         except _BACKEND_ERRORS as exc:
-            # The leases free the slots later; admissions keep using Redis meanwhile.
+            # Not tried again: the leases free the slots later; admissions keep using Redis.
             self._redis_failed("concurrency release", exc, fall_back=False)
 
     def _release_locally(self, slot: str) -> None:

@@ -60,9 +60,9 @@ async def make_limiter(redis_url: str, redis_prefix: str) -> AsyncIterator[Limit
 async def until_held(redis_url: str, redis_prefix: str) -> AsyncIterator[UntilHeld]:
     """`await until_held(limiter, n)`: wait until n slots of ("query", "alice") are held.
 
-    Leaving an admission gives its Redis slot back in a task of its own, which the caller does
-    not wait for (the response is not held up by it); the next admission in the same task can
-    come first. In process the release is immediate."""
+    Leaving an admission gives its Redis slot back without waiting: the identity's next
+    admission carries the release, or it goes out on its own after `_RELEASE_DELAY`. In
+    process the release is immediate."""
     client = Redis.from_url(redis_url)
 
     async def wait(
@@ -306,22 +306,28 @@ async def test_cancelled_requests_give_their_slot_back(
     assert limiter.errors == 0
 
 
-async def test_a_release_rides_on_the_next_admission(
+def _slots_of(redis_prefix: str, identity: str) -> str:
+    return f"{redis_prefix}cc:query:{hashlib.sha256(identity.encode()).hexdigest()}"
+
+
+async def test_a_release_rides_on_the_identitys_next_admission(
     make_limiter: LimiterFactory, redis_url: str, redis_prefix: str, monkeypatch: Any
 ) -> None:
-    """Under load the next admission comes before the release timer: its script removes the
-    waiting tokens, whatever identity it admits, and no ZREM of their own is needed."""
-    monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)  # only an admission can carry it
+    """A client that comes back before the release timer: its admission's script removes its
+    waiting tokens, and no ZREM of their own is needed."""
+    monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)  # only an admission can carry them
     limiter = make_limiter()
     client = Redis.from_url(redis_url)
-    alice = f"{redis_prefix}cc:query:{hashlib.sha256(b'alice').hexdigest()}"
+    alice = _slots_of(redis_prefix, "alice")
     try:
-        async with AsyncExitStack() as held:  # three at once; left together
+        async with AsyncExitStack() as held:  # three at once, left together
             for _ in range(3):
                 await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 3))
         assert await client.zcard(alice) == 3  # the releases wait
         async with limiter.admit("query", "bob", PLENTY, 3):
-            assert await client.zcard(alice) == 0  # carried by bob's admission
+            assert await client.zcard(alice) == 3  # someone else's admission leaves them
+        async with limiter.admit("query", "alice", PLENTY, 3):
+            assert await client.zcard(alice) == 1  # this one's slot; the three were carried
         assert limiter.errors == 0
     finally:
         await client.aclose()
@@ -334,44 +340,71 @@ async def test_an_admission_carries_a_bounded_number_of_releases(
     monkeypatch.setattr(ratelimit, "_MAX_CARRIED", 2)
     limiter = make_limiter()
     client = Redis.from_url(redis_url)
-    alice = f"{redis_prefix}cc:query:{hashlib.sha256(b'alice').hexdigest()}"
+    alice = _slots_of(redis_prefix, "alice")
     try:
         async with AsyncExitStack() as held:
             for _ in range(3):
-                await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 3))
-        await limiter.hit("sessions", "bob", PLENTY)  # no slot of its own, still a carrier
-        assert await client.zcard(alice) == 1
-        await limiter.hit("sessions", "bob", PLENTY)
-        assert await client.zcard(alice) == 0
+                await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 5))
+        async with limiter.admit("query", "alice", PLENTY, 5):
+            assert await client.zcard(alice) == 2  # one still waiting, plus this one's
+        async with limiter.admit("query", "alice", PLENTY, 5):
+            assert await client.zcard(alice) == 1
     finally:
         await client.aclose()
 
 
 async def test_releases_go_out_on_their_own_when_no_admission_comes(
-    make_limiter: LimiterFactory, until_held: UntilHeld, redis_url: str, redis_prefix: str
+    make_limiter: LimiterFactory,
+    until_held: UntilHeld,
+    redis_url: str,
+    redis_prefix: str,
+    monkeypatch: Any,
 ) -> None:
+    monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 0.3)
     limiter = make_limiter()
-    async with limiter.admit("query", "alice", PLENTY, 1):
-        pass
-    await until_held(limiter, 0)  # the timer's ZREM, within _RELEASE_DELAY
-    assert limiter.errors == 0
+    client = Redis.from_url(redis_url)
+    try:
+        async with limiter.admit("query", "alice", PLENTY, 1):
+            pass
+        assert await client.zcard(_slots_of(redis_prefix, "alice")) == 1  # waiting
+        await until_held(limiter, 0)  # the timer's ZREM
+        assert limiter.errors == 0
+    finally:
+        await client.aclose()
 
 
-async def test_releases_carried_by_a_failed_admission_are_sent_again(
-    make_limiter: LimiterFactory, until_held: UntilHeld, monkeypatch: Any
+async def test_releases_carried_by_a_failed_admission_wait_again(
+    make_limiter: LimiterFactory, until_held: UntilHeld, redis_prefix: str, monkeypatch: Any
 ) -> None:
-    """The script may not have run: the tokens it carried wait again for the timer."""
+    """The script may not have run: the tokens it carried go out with the timer."""
     limiter = make_limiter()
-    async with limiter.admit("query", "alice", PLENTY, 1):
+    async with limiter.admit("query", "alice", PLENTY, 2):
         pass
+    calls: list[tuple[list[str], tuple[Any, ...]]] = []
 
-    async def refused(**_: Any) -> Any:
+    async def refused(*, keys: list[str], args: tuple[Any, ...]) -> Any:
+        calls.append((keys, args))
         raise RedisConnectionError("connection refused")
 
     monkeypatch.setattr(limiter, "_admit_script", refused)
-    async with limiter.admit("query", "bob", PLENTY, 1):  # falls back to process limits
+    async with limiter.admit("query", "alice", PLENTY, 2):  # falls back to process limits
         pass
+    [(keys, args)] = calls
+    assert keys[2] == _slots_of(redis_prefix, "alice")
+    assert len(args) == 6  # the five arguments and the carried token
     assert limiter.errors == 1
+    await until_held(limiter, 0)
+
+
+async def test_releases_after_close_go_out_at_once(
+    make_limiter: LimiterFactory, until_held: UntilHeld, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)
+    limiter = make_limiter()
+    admission = limiter.admit("query", "alice", PLENTY, 1)
+    await admission.__aenter__()
+    await limiter.aclose()  # a request still running while the app shuts down
+    await admission.__aexit__(None, None, None)
     await until_held(limiter, 0)
 
 
@@ -387,8 +420,8 @@ async def _wait_for_slot(limiter: RateLimiter) -> None:
 
 
 async def _until_no_slot_keys(client: Redis, prefix: str) -> None:
-    """Slot releases run in tasks of their own: wait until every slot set is gone (the last
-    ZREM deletes the key)."""
+    """Slot releases go out after `_RELEASE_DELAY` when no admission carries them: wait until
+    every slot set is gone (the last ZREM deletes the key)."""
     deadline = time.monotonic() + 1
     while [key async for key in client.scan_iter(match=f"{prefix}cc:*")]:
         assert time.monotonic() < deadline, "a slot was not given back"
