@@ -447,9 +447,9 @@ class RateLimiter:
         `_RELEASE_DELAY`, whichever comes first (after `aclose`, it goes out at once).
 
         Why not a ZREM right away: a client that keeps sending comes back within the delay,
-        and carrying its releases saves a round trip per request (190,000 instructions of a
-        turn, 5.5-5.7 %: docs/performance.md); the others' releases go out together, one
-        pipeline per delay."""
+        and carrying its releases saves a round trip per request (190,000-211,000
+        instructions of a turn, 5-6 %: docs/performance.md); the others' releases go out
+        together, one pipeline per delay."""
         if token is None:
             self._release_locally(f"{scope}:{digest}")
             return
