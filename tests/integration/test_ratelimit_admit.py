@@ -590,7 +590,7 @@ async def test_query_holds_its_slot_until_the_response(
     async with running_app(settings) as (_, client):
         first = asyncio.create_task(client.post("/query", json={"message": "one"}))
         deadline = time.monotonic() + 5
-        while not (keys := [key async for key in redis.scan_iter(match=slot_keys)]):
+        while not (keys := [key async for key in redis.scan_iter(match=slot_keys, count=1000)]):
             assert time.monotonic() < deadline, "no slot taken"
             await asyncio.sleep(0.01)
         assert len(keys) == 1
