@@ -25,6 +25,7 @@ from app.security.ratelimit import (
 
 LimiterFactory = Callable[..., RateLimiter]
 UntilHeld = Callable[..., Awaitable[None]]
+SlotCount = Callable[[], Awaitable[int]]
 PLENTY = "100000/hour"
 """A rate no test reaches, for the tests of the concurrency limit."""
 
@@ -310,67 +311,65 @@ def _slots_of(redis_prefix: str, identity: str) -> str:
     return f"{redis_prefix}cc:query:{hashlib.sha256(identity.encode()).hexdigest()}"
 
 
+@pytest.fixture
+async def alice_holds(redis_url: str, redis_prefix: str) -> AsyncIterator[SlotCount]:
+    """`await alice_holds()`: how many slots of ("query", "alice") Redis holds right now."""
+    client = Redis.from_url(redis_url)
+    key = _slots_of(redis_prefix, "alice")
+
+    async def count() -> int:
+        return int(await client.zcard(key))
+
+    yield count
+    await client.aclose()
+
+
+async def _leave_together(limiter: RateLimiter, admissions: int, max_in_flight: int) -> None:
+    """Alice enters `admissions` times at once, then leaves them all."""
+    async with AsyncExitStack() as held:
+        for _ in range(admissions):
+            await held.enter_async_context(limiter.admit("query", "alice", PLENTY, max_in_flight))
+
+
 async def test_a_release_rides_on_the_identitys_next_admission(
-    make_limiter: LimiterFactory, redis_url: str, redis_prefix: str, monkeypatch: Any
+    make_limiter: LimiterFactory, alice_holds: SlotCount, monkeypatch: Any
 ) -> None:
     """A client that comes back before the release timer: its admission's script removes its
     waiting tokens, and no ZREM of their own is needed."""
     monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)  # only an admission can carry them
     limiter = make_limiter()
-    client = Redis.from_url(redis_url)
-    alice = _slots_of(redis_prefix, "alice")
-    try:
-        async with AsyncExitStack() as held:  # three at once, left together
-            for _ in range(3):
-                await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 3))
-        assert await client.zcard(alice) == 3  # the releases wait
-        async with limiter.admit("query", "bob", PLENTY, 3):
-            assert await client.zcard(alice) == 3  # someone else's admission leaves them
-        async with limiter.admit("query", "alice", PLENTY, 3):
-            assert await client.zcard(alice) == 1  # this one's slot; the three were carried
-        assert limiter.errors == 0
-    finally:
-        await client.aclose()
+    await _leave_together(limiter, 3, 3)
+    assert await alice_holds() == 3  # the releases wait
+    async with limiter.admit("query", "bob", PLENTY, 3):
+        assert await alice_holds() == 3  # someone else's admission leaves them
+    async with limiter.admit("query", "alice", PLENTY, 3):
+        assert await alice_holds() == 1  # this one's slot; the three were carried
+    assert limiter.errors == 0
 
 
 async def test_an_admission_carries_a_bounded_number_of_releases(
-    make_limiter: LimiterFactory, redis_url: str, redis_prefix: str, monkeypatch: Any
+    make_limiter: LimiterFactory, alice_holds: SlotCount, monkeypatch: Any
 ) -> None:
     monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)
     monkeypatch.setattr(ratelimit, "_MAX_CARRIED", 2)
     limiter = make_limiter()
-    client = Redis.from_url(redis_url)
-    alice = _slots_of(redis_prefix, "alice")
-    try:
-        async with AsyncExitStack() as held:
-            for _ in range(3):
-                await held.enter_async_context(limiter.admit("query", "alice", PLENTY, 5))
-        async with limiter.admit("query", "alice", PLENTY, 5):
-            assert await client.zcard(alice) == 2  # one still waiting, plus this one's
-        async with limiter.admit("query", "alice", PLENTY, 5):
-            assert await client.zcard(alice) == 1
-    finally:
-        await client.aclose()
+    await _leave_together(limiter, 3, 5)
+    async with limiter.admit("query", "alice", PLENTY, 5):
+        assert await alice_holds() == 2  # one still waiting, plus this one's
+    async with limiter.admit("query", "alice", PLENTY, 5):
+        assert await alice_holds() == 1
 
 
 async def test_releases_go_out_on_their_own_when_no_admission_comes(
-    make_limiter: LimiterFactory,
-    until_held: UntilHeld,
-    redis_url: str,
-    redis_prefix: str,
-    monkeypatch: Any,
+    make_limiter: LimiterFactory, until_held: UntilHeld, alice_holds: SlotCount, monkeypatch: Any
 ) -> None:
     monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 0.3)
     limiter = make_limiter()
-    client = Redis.from_url(redis_url)
-    try:
-        async with limiter.admit("query", "alice", PLENTY, 1):
-            pass
-        assert await client.zcard(_slots_of(redis_prefix, "alice")) == 1  # waiting
-        await until_held(limiter, 0)  # the timer's ZREM
-        assert limiter.errors == 0
-    finally:
-        await client.aclose()
+    async with limiter.admit("query", "alice", PLENTY, 1):
+        pass
+    assert await alice_holds() == 1  # waiting
+    await until_held(limiter, 0)  # the timer's ZREM
+    assert limiter.errors == 0
 
 
 async def test_releases_carried_by_a_failed_admission_wait_again(
