@@ -684,9 +684,15 @@ def baseline_server(res: RunResources) -> Server:
 
 
 def floor_server(
-    res: RunResources, *, db_pool_size: int, db_max_overflow: int, upstream_url: str | None = None
+    res: RunResources,
+    *,
+    db_pool_size: int,
+    db_max_overflow: int,
+    upstream_url: str | None = None,
+    extra_cpu_us: float = 0.0,
 ) -> Server:
-    """The floor app; with `upstream_url` (.../v1) a miss also asks that upstream."""
+    """The floor app; with `upstream_url` (.../v1) a miss also asks that upstream, and with
+    `extra_cpu_us` each request also spends that much CPU (bench/cpu_budget.py)."""
     port = free_port()
     argv = [PYTHON, "-m", "uvicorn", "floor:app", "--app-dir", str(APPS_DIR)]
     argv += ["--host", "127.0.0.1", "--port", str(port), *UVICORN_FLAGS]
@@ -702,6 +708,9 @@ def floor_server(
     if upstream_url is not None:
         env["FLOOR_UPSTREAM_URL"] = upstream_url
         name = "floor-upstream"
+    if extra_cpu_us:
+        env["FLOOR_EXTRA_CPU_US"] = f"{extra_cpu_us:g}"
+        name = f"{name}-{extra_cpu_us:g}us"
     return Server(name, argv, env, port, res.tmp, res.tmp / f"{name}.log")
 
 
