@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     config = run.Config.from_args(
         ["--skip-micro", "--duration", str(args.duration), "--warmup", str(args.warmup)]
     )
-    try:
+    with h.exit_codes():
         wrk = h.Wrk(h.ensure_wrk())
         with h.RunResources() as res:
             bench = run.Bench(config, res, wrk)
@@ -146,15 +145,6 @@ def main(argv: list[str] | None = None) -> int:
                     _sweep(bench, sim.url, args.extra, not args.no_service, tag)
             finally:
                 sim.stop()
-    except KeyboardInterrupt:
-        h.log("interrupted; cleaned up")
-        return 130
-    except h.BenchError as exc:
-        h.log(f"bench failed: {exc}")
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 2
     _report(bench)
     return 1 if any(row.result.errors for row in bench.rows.values()) else 0
 

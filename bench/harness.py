@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 import uuid
@@ -670,6 +671,26 @@ def install_signal_handlers() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
+
+
+@contextlib.contextmanager
+def exit_codes(what: str = "bench") -> Iterator[None]:
+    """End a run that failed with the exit codes every bench script documents.
+
+    Ctrl-C (and SIGTERM/SIGHUP, see `install_signal_handlers`) exits 130; a BenchError or an
+    unexpected error exits 2. The `with` blocks inside have cleaned up by then.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        log("interrupted; cleaned up")
+        raise SystemExit(130) from None
+    except BenchError as exc:
+        log(f"{what} failed: {exc}")
+        raise SystemExit(2) from None
+    except Exception:
+        traceback.print_exc()
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import secrets
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -772,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config.from_args(argv)
     h.install_signal_handlers()
     machine = h.machine_info()
-    try:
+    with h.exit_codes():
         wrk_binary = h.ensure_wrk()
         nofile = h.raise_nofile()
         if nofile < HIGH_CONCURRENCY * 2 + 100:
@@ -792,15 +791,6 @@ def main(argv: list[str] | None = None) -> int:
                 sessions50 = h.prepare_sessions(res, config.sessions, 50, first_index=2 * 10**6)
             bench.run_service_inprocess(sessions20, sessions1000, sessions50)
             bench.run_service_upstream()
-    except KeyboardInterrupt:
-        h.log("interrupted; cleaned up")
-        return 130
-    except h.BenchError as exc:
-        h.log(f"bench failed: {exc}")
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 2
     checks = print_report(bench, started, machine)
     if config.json_path is not None:
         config.json_path.write_text(json.dumps(to_json(bench, machine, checks), indent=2))

@@ -10,7 +10,7 @@ warm-up - 1; target <= 5 %.
 Usage: ``.venv/bin/python bench/soak.py [--minutes 5] [--warmup 30] [--rate R]``;
 ``--rate`` skips the throughput measurement. Same private database / Redis prefix /
 cleanup as bench/run.py. Exit status 0 when it measured, 1 on errors, 2 when it could not
-run.
+run, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     h.install_signal_handlers()
     machine = h.machine_info()
-    try:
+    with h.exit_codes("soak"):
         wrk = h.Wrk(h.ensure_wrk())
         h.raise_nofile()
         with h.RunResources(args.keep_logs) as res:
@@ -54,12 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                 return soak(args, wrk, server, settings, machine)
             finally:
                 server.stop()
-    except KeyboardInterrupt:
-        h.log("interrupted; cleaned up")
-        return 130
-    except h.BenchError as exc:
-        h.log(f"soak failed: {exc}")
-        return 2
 
 
 def soak(
