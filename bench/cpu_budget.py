@@ -102,20 +102,13 @@ def _report(bench: run.Bench) -> None:
     for row in bench.rows.values():
         result = row.result
         cpu_ms = float(result.extra.get("cpu_ms_per_request", float("nan")))
-        steady = run.upstream_steady_rps(result)
-        fraction = steady / run.UPSTREAM_IDEAL_RPS
-        added_p50 = result.p50_ms - run.UPSTREAM_LATENCY_MS
-        added_p99 = result.p99_ms - run.UPSTREAM_LATENCY_MS
-        met = [
-            fraction >= run.UPSTREAM_MIN_FRACTION,
-            added_p50 <= run.UPSTREAM_MAX_ADDED_P50_MS,
-            added_p99 <= run.UPSTREAM_MAX_ADDED_P99_MS,
-        ]
-        verdict = " ".join("met" if ok else "MISSED" for ok in met)
+        fig = run.upstream_figures(result)
+        verdict = " ".join("met" if ok else "MISSED" for ok in run.upstream_met(fig))
         errors = f"  {result.errors} errors" if result.errors else ""
         print(
-            f"{row.label:<34}{cpu_ms:>7.2f}ms{steady:>10.1f}{fraction:>10.1%}"
-            f"{added_p50:>+9.1f}{added_p99:>+9.1f}  {verdict}{errors}"
+            f"{row.label:<34}{cpu_ms:>7.2f}ms{fig['steady_rps']:>10.1f}"
+            f"{fig['fraction_of_ideal']:>10.1%}{fig['added_p50_ms']:>+9.1f}"
+            f"{fig['added_p99_ms']:>+9.1f}  {verdict}{errors}"
         )
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
