@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# agentserve image: a builder stage makes /opt/venv, the runtime stage copies only that venv,
-# the Alembic migrations and alembic.ini. Build with `docker build -t agentserve .`
+# agentserve image: a builder stage installs the locked runtime dependencies and the package
+# (a wheel, migrations inside) into /opt/venv; the runtime stage copies only that venv.
+# Build with `docker build -t agentserve .`
 #
 #   docker run --rm -p 8000:8000 --stop-timeout 30 agentserve           # SQLite in ./var
 #   docker run --rm -e DATABASE_URL=postgresql+asyncpg://... agentserve migrate
@@ -9,24 +10,30 @@
 # Every dependency ships wheels for CPython 3.11 (asyncpg, uvloop, httptools, orjson,
 # cryptography, ...), so no compiler is installed in either stage.
 
-# --- builder: the virtualenv ---------------------------------------------------------------
+# --- builder: the virtualenv, from uv.lock ---------------------------------------------------
 FROM python:3.11-slim AS builder
 
+# uv from PyPI, the version the Makefile pins (UV_VERSION there).
+ARG UV_VERSION=0.13.9
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
-
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+    PYTHONDONTWRITEBYTECODE=1 \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
+RUN pip install "uv==${UV_VERSION}"
 
 WORKDIR /build
-# The project metadata (pyproject + the README it names) and the package, nothing else.
-COPY pyproject.toml README.md ./
+# The locked runtime dependencies first: this layer changes only with uv.lock.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --frozen --no-dev --no-install-project
+# Then the package itself, installed as a wheel (not editable): app/ with its migrations.
 COPY app/ ./app/
-# A regular (non-editable) install of the runtime dependencies only: no [dev] extras.
-RUN pip install --upgrade pip \
-    && pip install . \
-    && pip check
+COPY migrations/ ./migrations/
+RUN uv sync --frozen --no-dev --no-editable \
+    && uv pip check --python /opt/venv/bin/python
 
 # --- runtime -------------------------------------------------------------------------------
 FROM python:3.11-slim AS runtime
@@ -48,13 +55,9 @@ ENV PYTHONUNBUFFERED=1 \
 # SHUTDOWN_DELAY_SECONDS and DRAIN_SECONDS are left to the orchestrator (compose: 3 + 20 s,
 # Kubernetes: 5 + 20 s); its stop timeout must exceed their sum, e.g. `--stop-timeout 30`.
 
-# The package itself is installed in /opt/venv (site-packages). app/storage/db.py looks for
-# `migrations/` beside the source tree and then in the working directory: it is the
-# working directory here, so `agentserve migrate` and the /ready check find it.
+# The package, its migrations included (app/migrations), is installed in /opt/venv.
 WORKDIR /srv/agentserve
 COPY --from=builder /opt/venv /opt/venv
-COPY alembic.ini ./
-COPY migrations/ ./migrations/
 # ./var is the default SQLite location (`docker run` without DATABASE_URL); the code and
 # migrations stay root-owned and read-only for the service user.
 RUN mkdir -p var && chown 10001:10001 var \

@@ -1,60 +1,75 @@
-# The two commands of the README: `make run` and `make test`. Both set up what they need.
-PYTHON ?= python3
-VENV   ?= .venv
-BIN    := $(VENV)/bin
-RUN_STAMP  := $(VENV)/.run-installed
-TEST_STAMP := $(VENV)/.test-installed
+# The two commands of the README: `make run` and `make test`. Both install what they need
+# from uv.lock (through uv, itself installed from PyPI into .tools/), so every machine runs
+# the versions that were tested.
+PYTHON     ?= python3
+UV_VERSION := 0.13.9
+TOOLS      := .tools
+UV         := $(TOOLS)/bin/uv
+BIN        := .venv/bin
 
-.PHONY: run test lint typecheck pytest install migrate simulate load bench soak clean
+# uv uses this interpreter for .venv and never downloads one of its own.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
 
-$(BIN)/python:
+.PHONY: run test lint typecheck layers pytest sync sync-run lock migrate simulate load bench soak wheel clean
+
+$(UV):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentserve needs Python >= 3.11 (set PYTHON=python3.11)")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
-	@touch $@
+## the runtime dependencies only (what `make run` needs)
+sync-run: $(UV)
+	$(UV) sync --locked --no-dev --inexact
 
-$(TEST_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	@touch $@ $(RUN_STAMP)
+## everything, dev tools included; fails when pyproject.toml and uv.lock disagree
+sync: $(UV)
+	$(UV) sync --locked
 
-install: $(RUN_STAMP)
+## make lock: upgrade every locked dependency within pyproject.toml's ranges
+lock: $(UV)
+	$(UV) lock --upgrade
 
 ## make run: start the service on http://127.0.0.1:8000 (SQLite, in-process cache, simulator)
-run: $(RUN_STAMP)
+run: sync-run
 	$(BIN)/agentserve serve
 
-## make test: ruff, mypy and the whole pytest suite
-test: lint typecheck pytest
+## make test: ruff, mypy, the layer contract and the whole pytest suite
+test: lint typecheck layers pytest
 
-lint: $(TEST_STAMP)
+lint: sync
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(TEST_STAMP)
+typecheck: sync
 	$(BIN)/mypy
 
-pytest: $(TEST_STAMP)
+layers: sync
+	$(BIN)/lint-imports
+
+pytest: sync
 	$(BIN)/pytest
 
+## make wheel: build the distribution into dist/
+wheel: $(UV)
+	$(UV) build --wheel --out-dir dist
+
 ## make load: load test: LLM simulator upstream + service + locust (LOAD_USERS, LOAD_DURATION, ...)
-load: $(TEST_STAMP)
-	VENV=$(VENV) bash scripts/load.sh
+load: sync
+	VENV=.venv bash scripts/load.sh
 
 ## make bench: wrk against a bare app, the I/O floor and the service (< 5 min); make soak: 5 min
-bench: $(TEST_STAMP)
+bench: sync
 	$(BIN)/python bench/run.py
 
-soak: $(TEST_STAMP)
+soak: sync
 	$(BIN)/python bench/soak.py
 
-migrate: $(RUN_STAMP)
+migrate: sync-run
 	$(BIN)/agentserve migrate
 
-simulate: $(RUN_STAMP)
+simulate: sync-run
 	$(BIN)/agentserve simulate --port 9100
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv $(TOOLS) var dist .mypy_cache .ruff_cache .pytest_cache

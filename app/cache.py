@@ -28,6 +28,7 @@ same answer concurrently; a replica that finds the lock taken polls for the valu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -38,26 +39,22 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar, cast
+from typing import Literal, NamedTuple, Protocol, TypeVar, cast
 
 import orjson
 from cachetools import TLRUCache
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.config import Settings
-from app.llm.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from app.llm.types import CallNotPermittedError, Message
+from app.domain import Message
+from app.resilience.redis_guard import RedisGuard, RedisUnavailableError
 
 __all__ = [
     "KEY_VERSION",
     "CacheObserver",
     "ResponseCache",
     "cache_key",
-    "create_cache_breaker",
     "history_digest",
     "normalize_message",
 ]
@@ -172,36 +169,10 @@ _history_digest = history_digest  # `cache_key` has a parameter of that name
 
 
 class CacheObserver(Protocol):
-    """Metrics hooks (the app implements them with Prometheus)."""
+    """Metrics hook (the app implements it with Prometheus); Redis' own failures and state
+    are reported by its guard."""
 
     def on_lookup(self, hit: bool) -> None: ...
-
-    def on_error(self, operation: str) -> None: ...
-
-    def on_state(self, state: str) -> None:
-        """``"ok"`` or ``"degraded"`` (breaker open or half-open)."""
-        ...
-
-
-def create_cache_breaker(
-    *, open_seconds: float = 5.0, slow_call_seconds: float = 60.0
-) -> CircuitBreaker:
-    """The cache's breaker: last 10 calls, at least 5, opens at 50 % failures; 2 half-open
-    probes. Slow calls do not count by default: every call is already cut at the
-    socket timeout (then a failure), and a call that merely waited for a busy event loop says
-    nothing about Redis (counting those turned the cache off under load)."""
-    return CircuitBreaker(
-        "redis-cache",
-        BreakerConfig(
-            failure_rate_threshold=50.0,
-            slow_call_rate_threshold=100.0,
-            slow_call_duration_threshold=slow_call_seconds,
-            sliding_window_size=10,
-            minimum_number_of_calls=5,
-            wait_duration_in_open_state=open_seconds,
-            permitted_number_of_calls_in_half_open_state=2,
-        ),
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,26 +197,12 @@ class _Flight:
     waiters: int = 0
 
 
-class _UnavailableError(Exception):
-    """Internal: a Redis operation was skipped (breaker open) or failed (already counted)."""
-
-
 def _entry_expiry(_key: str, entry: _Entry, now: float) -> float:
     return now + entry.ttl
 
 
 def _index_expiry(_key: str, index: _SessionIndex, _now: float) -> float:
     return index.expires_at
-
-
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    TimeoutError,
-)
-"""Errors that say Redis is unreachable or slow: they count against the breaker. Any other
-error (e.g. a ResponseError) is counted through the observer but gives the permit back."""
 
 
 class ResponseCache:
@@ -256,24 +213,22 @@ class ResponseCache:
     def __init__(
         self,
         *,
-        redis: Redis | None,
+        redis: RedisGuard | None,
         key_prefix: str,
         max_entries: int,
         lock_seconds: float,
-        socket_timeout: float,
-        breaker: CircuitBreaker | None = None,
         observer: CacheObserver | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
-        if not lock_seconds > 0 or not socket_timeout > 0:
-            raise ValueError("lock_seconds and socket_timeout must be > 0")
-        self._redis = redis
+        if not lock_seconds > 0:
+            raise ValueError("lock_seconds must be > 0")
+        self.redis = redis
+        """The guarded Redis client (None: in process only)."""
+        self._redis = redis.client if redis is not None else None
         self._prefix = key_prefix
         self._max_entries = max_entries
         self._lock_seconds = lock_seconds
-        self._socket_timeout = socket_timeout
-        self._op_timeout = socket_timeout  # the whole operation: pool wait, connect, command
         self._observer = observer
         self._flights: dict[str, _Flight] = {}
         self._scripts: dict[str, AsyncScript] = {}
@@ -284,30 +239,27 @@ class ResponseCache:
         self._memory_sessions: TLRUCache[str, _SessionIndex] = TLRUCache(
             maxsize=max_entries, ttu=_index_expiry, timer=self._timer
         )
-        self._breaker: CircuitBreaker | None
         if redis is None:
             self.backend = "memory"
-            self._breaker = None
         else:
-            if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            if redis.client.connection_pool.connection_kwargs.get("decode_responses"):
                 raise ValueError("the cache needs a Redis client with decode_responses=False")
             self.backend = "redis"
-            self._breaker = breaker if breaker is not None else create_cache_breaker()
-        self._state = self._breaker_state()
-        self._notify("on_state", self._state)  # initializes the observer's gauge
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, redis: Redis | None, observer: CacheObserver | None = None
+        cls,
+        settings: Settings,
+        *,
+        redis: RedisGuard | None,
+        observer: CacheObserver | None = None,
     ) -> ResponseCache:
-        """Wire a cache from Settings (the Redis client comes from `create_redis`)."""
+        """Wire a cache from Settings, on the app's guarded Redis client (None: in process)."""
         return cls(
             redis=redis,
             key_prefix=settings.redis_key_prefix,
             max_entries=settings.cache_max_entries,
             lock_seconds=settings.cache_lock_seconds,
-            socket_timeout=settings.redis_socket_timeout,
-            breaker=create_cache_breaker(open_seconds=settings.cache_breaker_open_seconds),
             observer=observer,
         )
 
@@ -321,7 +273,7 @@ class ResponseCache:
     async def get(self, key: str) -> bytes | None:
         """The value, or None on a miss, an error, or while the breaker is open. Never raises."""
         value, _ = await self._lookup(key)
-        self._notify("on_lookup", value is not None)
+        self._observed(value is not None)
         return value
 
     async def set(
@@ -370,7 +322,7 @@ class ResponseCache:
 
         try:
             await self._call("set", store)
-        except _UnavailableError:
+        except RedisUnavailableError:
             return False
         return unlock_token is not None
 
@@ -406,7 +358,7 @@ class ResponseCache:
             for start in range(0, len(found), _FORGET_BATCH):
                 batch = found[start : start + _FORGET_BATCH]
                 deleted += await self._call("forget_session", partial(erase, batch=batch))
-        except _UnavailableError:
+        except RedisUnavailableError:
             logger.warning("cache: could not erase the entries of a session (best effort)")
             return 0
         return deleted
@@ -467,24 +419,14 @@ class ResponseCache:
             return value, hit
         finally:
             if read:
-                self._notify("on_lookup", hit)
+                self._observed(hit)
 
     def status(self) -> dict[str, object]:
         """For /ready: backend, "ok" or "degraded", and a human-readable detail."""
-        if self._breaker is None:
+        if self.redis is None:
             detail = f"in-process LRU, {self._memory.currsize} of {self._max_entries} entries"
             return {"backend": self.backend, "state": "ok", "detail": detail}
-        state = self._breaker.state
-        if state is BreakerState.CLOSED:
-            detail = "redis in use"
-        elif state is BreakerState.OPEN:
-            detail = (
-                "redis failing: circuit open, caching skipped; next probe in "
-                f"{self._breaker.retry_after():.1f}s"
-            )
-        else:
-            detail = "redis recovering: circuit half-open, probing"
-        return {"backend": self.backend, "state": self._breaker_state(), "detail": detail}
+        return {"backend": self.backend, "state": self.redis.state, "detail": self.redis.detail()}
 
     async def aclose(self) -> None:
         """Cancel flights still running and drop in-process entries. The Redis client is
@@ -613,7 +555,7 @@ class ResponseCache:
                         return value, None
                     if not locked:
                         break  # it gave up without a value: try to take over
-        except _UnavailableError:
+        except RedisUnavailableError:
             return None, None
 
     def _script(self, name: str, text: str) -> AsyncScript:
@@ -625,14 +567,15 @@ class ResponseCache:
         return script
 
     async def _unlock(self, key: str, token: str) -> None:
-        """Release our lock even while the breaker is open: a lock left behind would make
+        """Release our lock even while the circuit is open: a lock left behind would make
         every other request for this key wait for it to expire. Bounded, best effort."""
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                unlock = self._script("unlock", _UNLOCK_SCRIPT)
-                await unlock(keys=[self._lock_key(key)], args=[token])
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("unlock", exc)
+        unlock = self._script("unlock", _UNLOCK_SCRIPT)
+
+        async def release(client: Redis) -> None:
+            await unlock(keys=[self._lock_key(key)], args=[token], client=client)
+
+        with contextlib.suppress(RedisUnavailableError):
+            await self._call("unlock", release, bypass_breaker=True)
 
     # -- backends ---------------------------------------------------------------------------
 
@@ -648,7 +591,7 @@ class ResponseCache:
 
         try:
             return await self._call("get", fetch), True
-        except _UnavailableError:
+        except RedisUnavailableError:
             return None, False
 
     def _memory_set(self, key: str, value: bytes, ttl: float, session_id: str | None) -> None:
@@ -666,67 +609,21 @@ class ResponseCache:
             index.keys = {k for k in index.keys if k in self._memory}
         self._memory_sessions[session_id] = index  # (re)computes the index's expiry
 
-    async def _call(self, operation: str, call: Callable[[Redis], Awaitable[T]]) -> T:
-        """Run one Redis round trip under the breaker and the safety-net timeout.
+    async def _call(
+        self,
+        operation: str,
+        call: Callable[[Redis], Awaitable[T]],
+        *,
+        bypass_breaker: bool = False,
+    ) -> T:
+        """One Redis round trip under the guard's policy (`RedisUnavailableError` when
+        skipped or failed, already logged and counted)."""
+        assert self.redis is not None
+        return await self.redis.call(f"cache {operation}", call, bypass_breaker=bypass_breaker)
 
-        Raises _UnavailableError when the breaker refuses (no I/O at all) or the call fails (then
-        logged, counted and fed to the breaker). Cancellation gives the permit back.
-        """
-        client, breaker = self._redis, self._breaker
-        assert client is not None
-        assert breaker is not None
-        try:
-            breaker.try_acquire()
-        except CallNotPermittedError:
-            raise _UnavailableError(operation) from None
-        finally:
-            self._sync_state()
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                result = await call(client)
-        except _CONNECTION_ERRORS as exc:
-            breaker.record_failure(time.monotonic() - started)
-            self._sync_state()
-            self._failed(operation, exc)
-            raise _UnavailableError(operation) from exc
-        except Exception as exc:
-            breaker.release()
-            self._failed(operation, exc)
-            raise _UnavailableError(operation) from exc
-        except BaseException:
-            breaker.release()
-            raise
-        breaker.record_success(time.monotonic() - started)
-        self._sync_state()
-        return result
-
-    # -- observer -----------------------------------------------------------------------------
-
-    def _breaker_state(self) -> str:
-        if self._breaker is None or self._breaker.state is BreakerState.CLOSED:
-            return "ok"
-        return "degraded"
-
-    def _sync_state(self) -> None:
-        state = self._breaker_state()
-        if state != self._state:
-            self._state = state
-            log = logger.warning if state == "degraded" else logger.info
-            log("cache: redis %s", "degraded, caching paused" if state == "degraded" else "ok")
-            self._notify("on_state", state)
-
-    def _failed(self, operation: str, exc: BaseException) -> None:
-        logger.warning("cache: redis %s failed: %r", operation, exc)
-        self._notify("on_error", operation)
-
-    def _notify(self, hook: str, argument: Any) -> None:
-        if self._observer is None:
-            return
-        try:
-            getattr(self._observer, hook)(argument)
-        except Exception:
-            logger.exception("cache: observer %s failed", hook)
+    def _observed(self, hit: bool) -> None:
+        if self._observer is not None:
+            self._observer.on_lookup(hit)
 
     # -- key names ----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from types import FrameType
 
 import uvicorn
 
+from app import __version__
 from app.config import Settings
 from app.observability.logging import configure_logging
 
@@ -38,9 +39,9 @@ class DrainingServer(uvicorn.Server):
     def _mark_draining(self) -> None:
         app = getattr(self.config, "loaded_app", None)
         while app is not None:  # unwrap uvicorn's middleware down to the FastAPI app
-            runtime = getattr(getattr(app, "state", None), "runtime", None)
-            if runtime is not None:
-                runtime.lifecycle.draining = True
+            lifecycle = getattr(getattr(app, "state", None), "lifecycle", None)
+            if lifecycle is not None:
+                lifecycle.draining = True
                 return
             app = getattr(app, "app", None)
 
@@ -115,6 +116,7 @@ def simulate(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"agentserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p_serve = commands.add_parser("serve", help="run the HTTP service (uvicorn)")

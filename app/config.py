@@ -120,7 +120,12 @@ class Settings(BaseSettings):
     # --- Redis: response cache, rate limits ----------------------------------------------
     redis_url: str | None = Field(None, description="Unset: in-process cache and limits.")
     redis_key_prefix: str = "agentserve:"
-    redis_socket_timeout: float = Field(0.1, gt=0, description="Seconds per Redis operation.")
+    redis_socket_timeout: float = Field(
+        0.1,
+        gt=0,
+        description="Seconds to connect or wait for a pooled connection; a whole Redis call "
+        "is bounded at three times this.",
+    )
     redis_max_connections: int = Field(50, ge=1)
     cache_enabled: bool = True
     cache_ttl_seconds: int = Field(3600, ge=1, description="Default; agents may set their own.")
@@ -128,7 +133,9 @@ class Settings(BaseSettings):
     cache_lock_seconds: float = Field(
         90.0, gt=0, description="Cross-replica single-flight lock lifetime (≈ LLM_DEADLINE)."
     )
-    cache_breaker_open_seconds: float = Field(5.0, gt=0)
+    redis_breaker_open_seconds: float = Field(
+        5.0, gt=0, description="How long Redis is skipped once it keeps failing."
+    )
 
     # --- JWT on /secure-query (RFC 8725) -------------------------------------------------
     jwt_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["HS256"])

@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
@@ -22,13 +24,15 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
 from app.api import ops, query, sessions
+from app.api.deps import AppState
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestEnvelope
+from app.api.middleware import DocsContentPolicy, RequestEnvelope
 from app.config import Settings
 from app.observability.logging import configure_logging
-from app.observability.metrics import Metrics, http_instrumentation
+from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
 from app.runtime import build_runtime
+from app.services.health import Lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -60,33 +64,38 @@ def tune_garbage_collector() -> None:
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
+    """Build every component, hand them to the requests as typed state, close them after."""
     settings: Settings = app.state.settings
     configure_logging(settings.log_level, json_lines=settings.log_json)
-    runtime = await build_runtime(settings, app.state.metrics)
-    app.state.runtime = runtime
+    runtime = await build_runtime(settings, app.state.metrics, app.state.lifecycle)
+    app.state.runtime = runtime  # for tests and debugging; routes read the typed state only
     tune_garbage_collector()
     tracing: Tracing | None = app.state.tracing
     try:
         if tracing is not None:
-            tracing.start(runtime.engine)
+            tracing.start(runtime.turns.engine, runtime.gateway.clients)
         logger.info(
             "agentserve ready",
             extra={
-                "agents": sorted(runtime.specs),
-                "upstreams": [config.name for config, _ in runtime.gateway.upstreams],
-                "database": runtime.engine.url.render_as_string(hide_password=True),
+                "agents": sorted(runtime.pools),
+                "database": runtime.turns.engine.url.render_as_string(hide_password=True),
                 "tracing": tracing is not None,
             },
         )
-        yield
+        yield runtime.state
     finally:
-        runtime.lifecycle.draining = True
+        app.state.lifecycle.draining = True
         await runtime.aclose()
         gc.unfreeze()  # what this app built may be collected once it is gone (tests, reloads)
         if tracing is not None:
             await tracing.shutdown()
         logger.info("agentserve stopped")
+
+
+def operation_id(route: APIRoute) -> str:
+    """Client generators turn operation ids into method names: keep them short."""
+    return route.name
 
 
 def create_app(
@@ -98,13 +107,17 @@ def create_app(
     otherwise tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     """
     settings = settings or Settings()
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets fastapi-offline ships (/static-offline-docs): no CDN.
+    app = FastAPIOffline(
         title="agentserve",
         version=__version__,
         summary="Pooled LLM agents over HTTP, with persistent sessions.",
         lifespan=lifespan,
+        # operation ids are the route functions' names: `query`, `secure_query`, ...
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
+    app.state.lifecycle = Lifecycle()
     app.state.metrics = Metrics(CollectorRegistry(auto_describe=True))
     app.state.tracing = Tracing.from_settings(settings, span_exporter=span_exporter)
     if app.state.tracing is not None:
@@ -125,13 +138,14 @@ def create_app(
         instance=settings.instance_name or socket.gethostname(),
         max_body_bytes=settings.max_body_bytes,
     )
+    app.add_middleware(DocsContentPolicy, paths=("/docs", "/redoc"))
     registry = app.state.metrics.registry
     Instrumentator(
         registry=registry,
         excluded_handlers=["/metrics", "/health", "/ready"],
-    ).add(http_instrumentation(registry, "agentserve")).instrument(
-        app, metric_namespace="agentserve"
-    ).expose(app, endpoint="/metrics", include_in_schema=True, tags=["operations"])
+    ).instrument(app, metric_namespace="agentserve").expose(
+        app, endpoint="/metrics", include_in_schema=True, tags=["operations"]
+    )
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name="X-Request-ID",
@@ -140,3 +154,13 @@ def create_app(
     # Outermost: the client address is settled before anything reads it.
     app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn app.main:app`: the app for the environment's settings, made on first access
+    so that importing this module builds nothing (its components wait for the lifespan)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    application = create_app()
+    globals()["app"] = application
+    return application

@@ -1,4 +1,4 @@
-"""What bench/run.py, bench/soak.py and bench/hotpath_profile.py share: wrk, a private Postgres
+"""What bench/run.py and bench/soak.py share: wrk, a private Postgres
 database and Redis key prefix, the three apps as uvicorn processes, and wrk runs.
 
 Everything a run creates is its own and is removed at the end (also after a crash or
@@ -710,10 +710,8 @@ def floor_server(
     db_pool_size: int,
     db_max_overflow: int,
     upstream_url: str | None = None,
-    extra_cpu_us: float = 0.0,
 ) -> Server:
-    """The floor app; with `upstream_url` (.../v1) a miss also asks that upstream, and with
-    `extra_cpu_us` each request also spends that much CPU (bench/cpu_budget.py)."""
+    """The floor app; with `upstream_url` (.../v1) a miss also asks that upstream."""
     port = free_port()
     argv = [PYTHON, "-m", "uvicorn", "floor:app", "--app-dir", str(APPS_DIR)]
     argv += ["--host", "127.0.0.1", "--port", str(port), *UVICORN_FLAGS]
@@ -729,9 +727,6 @@ def floor_server(
     if upstream_url is not None:
         env["FLOOR_UPSTREAM_URL"] = upstream_url
         name = "floor-upstream"
-    if extra_cpu_us:
-        env["FLOOR_EXTRA_CPU_US"] = f"{extra_cpu_us:g}"
-        name = f"{name}-{extra_cpu_us:g}us"
     return Server(name, argv, env, port, res.tmp, res.tmp / f"{name}.log")
 
 
@@ -828,7 +823,7 @@ def set_simulator_latency(sim: Server, latency_ms: float) -> None:
 def _chained_digests(
     session_index: int, turns: int
 ) -> Iterator[tuple[int, dict[str, str], dict[str, str], str]]:
-    from app.storage.sessions import next_history_digest
+    from app.storage.turns import next_history_digest
 
     digest = ""
     for turn in range(turns):
@@ -934,7 +929,7 @@ def prepare_sessions(res: RunResources, count: int, messages: int, first_index: 
 async def _verify_session(dsn: str, session_id: str) -> tuple[int, int, str, str]:
     import asyncpg
 
-    from app.storage.sessions import next_history_digest
+    from app.storage.turns import next_history_digest
 
     conn = await asyncpg.connect(dsn)
     try:

@@ -11,15 +11,14 @@ access log), with Postgres and Redis on 127.0.0.1:
 * service  - app.main:create_app, scenarios 1-5 of the performance issue.
 
 Then it prints a table (requests/s, p50, p99, errors, and requests/s as a fraction of the
-baseline and of the floor), the agent micro-benchmarks (bench/agents_micro.py) and one
-PASS/FAIL line per target. It creates a database and a Redis key prefix of its own and
-removes them at the end. Exit status: 0 when it measured (targets may be missed), 1 when
-a scenario had errors, 2 when it could not run.
+baseline and of the floor) and one PASS/FAIL line per target. It creates a database and a
+Redis key prefix of its own and removes them at the end. Exit status: 0 when it measured
+(targets may be missed), 1 when a scenario had errors, 2 when it could not run.
 
 Options: ``--quick`` (a smoke run of about a minute), ``--duration`` / BENCH_DURATION
 (seconds per measured run, default 10), ``--warmup`` / BENCH_WARMUP (default 3),
 ``--concurrency`` / BENCH_CONCURRENCY (connections for the throughput scenarios, default 64),
-``--json PATH`` (write every figure as JSON), ``--skip-micro``.
+``--json PATH`` (write every figure as JSON).
 The soak test is separate: bench/soak.py (make soak).
 """
 
@@ -30,7 +29,6 @@ import json
 import math
 import os
 import secrets
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,7 +61,6 @@ class Config:
     high_duration: int
     sessions: int
     sessions20: int
-    micro: bool
     json_path: Path | None
     keep_logs: Path | None
 
@@ -77,7 +74,6 @@ class Config:
         parser.add_argument("--warmup", type=int, help="seconds of warm-up per scenario (3)")
         parser.add_argument("--concurrency", type=int, help="wrk -c for scenarios 1-3 (64)")
         parser.add_argument("--json", type=Path, help="also write the results here")
-        parser.add_argument("--skip-micro", action="store_true", help="no agent micro-bench")
         parser.add_argument("--keep-logs", type=Path, help="copy the server logs here at the end")
         args = parser.parse_args(argv)
         quick = bool(args.quick)
@@ -104,7 +100,6 @@ class Config:
                 (4 if quick else 8) * max(2, concurrency),
                 SESSIONS_RATE * (max(0, warmup) + max(1, duration)) // 2,
             ),
-            micro=not args.skip_micro,
             json_path=args.json,
             keep_logs=args.keep_logs,
         )
@@ -383,7 +378,7 @@ class Bench:
         message and notes on what went wrong on the way.
 
         After an overloaded scenario the cache's Redis breaker may be open (it skips Redis
-        for CACHE_BREAKER_OPEN_SECONDS after timeouts or slow calls), and a request may hang
+        for REDIS_BREAKER_OPEN_SECONDS after timeouts or slow calls), and a request may hang
         on a cross-replica lock that its holder could not release while the breaker was
         open; then the bench moves on to a fresh message (and says so)."""
         deadline = time.monotonic() + patience
@@ -430,30 +425,6 @@ class Bench:
         if total and counts.get(expected, 0) != total:
             row.notes.append("X-Cache: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
-    # -- micro-benchmarks -------------------------------------------------------------------
-
-    def run_micro(self) -> None:
-        h.log("agent micro-benchmarks (bench/agents_micro.py)")
-        argv = [h.PYTHON, str(h.BENCH_DIR / "agents_micro.py"), "--json"]
-        if self.config.quick:
-            argv.append("--quick")
-        done = subprocess.run(  # noqa: S603
-            argv,
-            capture_output=True,
-            text=True,
-            cwd=self.res.tmp,
-            env=h.clean_env(),
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise h.BenchError(f"agents_micro.py failed:\n{done.stdout}\n{done.stderr}")
-        self.extra["micro"] = json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------------------------------
-# Reporting
-
 
 def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{value * 100:.0f}%"
@@ -471,7 +442,7 @@ def _ratio(a: Row | None, b: Row | None) -> float:
 
 
 def upstream_figures(result: h.WrkResult) -> dict[str, float]:
-    """Scenario 4's figures of one run (shared with bench/cpu_budget.py): the steady rate
+    """Scenario 4's figures of one run : the steady rate
     (completions per second after the first second) against the ideal, the latency added
     over the upstream's, and the most one core at the measured CPU per request can serve."""
     steady = result.steady_rps(skip_s=1.0)
@@ -600,18 +571,6 @@ def print_report(bench: Bench, started: float, machine: dict[str, Any]) -> list[
     print("cpu/req: CPU time (user+system) of the server process during the run / requests;")
     print("it depends much less than req/s on what else runs on the machine.")
 
-    micro = bench.extra.get("micro")
-    if micro:
-        print()
-        print(
-            f"agents (in process, {micro['loop']}): pool acquire+release "
-            f"{micro['pool_acquire_release_us']:.2f} us median of {micro['batches']} batches of "
-            f"{micro['per_batch']} (lease() {micro['pool_lease_us']:.2f} us, bare pool without "
-            f"metrics hooks {micro['bare_pool_acquire_release_us']:.2f} us); agent build "
-            f"{micro['agent_build_us']:.2f} us median of {micro['builds']}, "
-            f"{micro['agent_bytes']:.0f} bytes per live instance"
-        )
-
     print()
     print("non-default settings:")
     for name, settings in bench.settings.items():
@@ -726,29 +685,6 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[tuple[bool, str]]:
             + ", ".join(f"{k} {n} ({rows[k].result.error_detail()})" for k, n in failing.items()),
         )
     )
-    micro = bench.extra.get("micro")
-    if micro:
-        t = micro["targets"]
-        checks.append(
-            (
-                micro["pool_acquire_release_us"] <= t["pool_acquire_release_us"],
-                f"agents: pool acquire+release {micro['pool_acquire_release_us']:.2f} us median "
-                f"(target <= {t['pool_acquire_release_us']:g} us)",
-            )
-        )
-        checks.append(
-            (
-                micro["agent_build_us"] <= t["agent_build_us"],
-                f"agents: build {micro['agent_build_us']:.2f} us median "
-                f"(target <= {t['agent_build_us']:g} us)",
-            )
-        )
-        checks.append(
-            (
-                micro["agent_bytes"] <= t["agent_bytes"],
-                f"agents: {micro['agent_bytes']:.0f} bytes per live instance (target <= 3.6 KiB)",
-            )
-        )
     return checks
 
 
@@ -792,8 +728,6 @@ def main(argv: list[str] | None = None) -> int:
         with h.RunResources(config.keep_logs) as res:
             bench = Bench(config, res, wrk)
             bench.extra["wrk_version"] = h.wrk_version(wrk_binary)
-            if config.micro:
-                bench.run_micro()
             bench.run_baseline()
             bench.run_floor()
             sessions20 = h.prepare_sessions(res, config.sessions20, 20, first_index=0)

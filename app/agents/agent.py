@@ -20,16 +20,15 @@ from opentelemetry.trace import Span, StatusCode, Tracer
 
 from app.agents.spec import AgentSpec
 from app.agents.tools import ToolRegistry, ToolResult
+from app.domain import Message, Usage
 from app.llm.types import (
     ChatModel,
     ChatRequest,
     Completion,
     CompletionDelta,
-    Message,
     StreamingChatModel,
     ToolCall,
     ToolSchema,
-    Usage,
 )
 from app.observability.tracing import current_tracer, traced_iteration
 
@@ -278,6 +277,7 @@ __all__ = [
     "Agent",
     "AgentEvent",
     "AgentResult",
+    "FinishReason",
     "StepRecord",
     "TextDelta",
     "ToolCallFinished",

@@ -14,17 +14,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Generic, TypeVar
 
+from app.errors import PoolExhaustedError
+
 T = TypeVar("T")
-
-
-class PoolExhaustedError(Exception):
-    """No instance became free in time, or too many callers are already waiting."""
-
-    def __init__(self, pool: str, reason: str, retry_after: float) -> None:
-        super().__init__(f"agent pool {pool!r} is saturated ({reason})")
-        self.pool = pool
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 class AgentPool(Generic[T]):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import uuid
-from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from app.domain import SessionRecord
+from app.services.health import Readiness
+from app.services.query import QueryOutput
 
 QUERY_EXAMPLES = {
     "new conversation": {
@@ -110,37 +113,144 @@ def _check_storable(value: JsonValue, where: str) -> None:
 
 
 class UsageOut(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+    prompt_tokens: int = Field(description="Tokens sent to the model for this turn.")
+    completion_tokens: int = Field(description="Tokens the model produced for this turn.")
+    total_tokens: int = Field(description="Their sum (0 for an answer from the cache).")
 
 
 class StepOut(BaseModel):
-    tool: str
-    arguments: str
-    result: str
-    is_error: bool
-    duration_ms: float
+    tool: str = Field(description="The tool the agent called.")
+    arguments: str = Field(description="Its arguments, JSON as the model wrote them.")
+    result: str = Field(description="What the tool returned (or its error).")
+    is_error: bool = Field(description="Whether the tool failed.")
+    duration_ms: float = Field(description="How long the tool ran.")
 
 
 class QueryResponse(BaseModel):
-    answer: str
-    session_id: uuid.UUID
-    agent: str
-    model: str
+    """One answered turn."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "answer": "(12 + 30) * 2 = 84.",
+                    "session_id": "6f1c2a9e-8d4b-4c1e-9a57-3b2f0d8e7c61",
+                    "agent": "tools",
+                    "model": "gpt-4o-mini",
+                    "usage": {"prompt_tokens": 212, "completion_tokens": 31, "total_tokens": 243},
+                    "steps": [
+                        {
+                            "tool": "calculator",
+                            "arguments": '{"expression": "(12+30)*2"}',
+                            "result": "84",
+                            "is_error": False,
+                            "duration_ms": 0.21,
+                        }
+                    ],
+                    "finish_reason": "stop",
+                    "cached": False,
+                    "request_id": "0b7d1c6a4f3e4b2d9c8a7e6f5d4c3b2a",
+                    "latency_ms": 812.4,
+                }
+            ]
+        }
+    )
+
+    answer: str = Field(description="The agent's final answer.")
+    session_id: uuid.UUID = Field(description="Pass it back to continue the conversation.")
+    agent: str = Field(description="The agent that answered.")
+    model: str = Field(description="The model id the upstream reported.")
     usage: UsageOut
-    steps: list[StepOut]
-    finish_reason: Literal["stop", "max_steps", "length"]
-    cached: bool
-    request_id: str
-    latency_ms: float
+    steps: list[StepOut] = Field(description="The tool calls made on the way, in order.")
+    finish_reason: Literal["stop", "max_steps", "length"] = Field(
+        description="`stop`: a final answer; `max_steps`: the step limit was reached; "
+        "`length`: the model hit its token limit."
+    )
+    cached: bool = Field(description="Answered from the response cache (no tokens spent).")
+    request_id: str = Field(description="Also in the X-Request-ID header; quote it in reports.")
+    latency_ms: float = Field(description="Time spent in the service for this turn.")
+
+    @classmethod
+    def from_output(cls, output: QueryOutput, request_id: str) -> QueryResponse:
+        usage = output.usage
+        return cls(
+            answer=output.answer,
+            session_id=output.session_id,
+            agent=output.agent,
+            model=output.model,
+            usage=UsageOut(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+            steps=[
+                StepOut(
+                    tool=step.tool,
+                    arguments=step.arguments,
+                    result=step.result,
+                    is_error=step.is_error,
+                    duration_ms=round(step.duration_ms, 3),
+                )
+                for step in output.steps
+            ],
+            finish_reason=output.finish_reason,
+            cached=output.cached,
+            request_id=request_id,
+            latency_ms=round(output.latency_ms, 3),
+        )
+
+
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "RateLimit-Limit": {
+        "description": "Requests allowed in the current window.",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Remaining": {
+        "description": "Requests left in the current window.",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Reset": {
+        "description": "Seconds until the window frees capacity.",
+        "schema": {"type": "integer"},
+    },
+}
+"""The caller's standing in its rate limit (draft-ietf-httpapi-ratelimit-headers)."""
+
+REQUEST_ID_HEADER: dict[str, Any] = {
+    "X-Request-ID": {
+        "description": "The request's id (the caller's own when it sent a valid one).",
+        "schema": {"type": "string"},
+    }
+}
+
+QUERY_HEADERS: dict[str, Any] = {
+    **REQUEST_ID_HEADER,
+    "X-Cache": {
+        "description": "`HIT` when the answer came from the response cache, else `MISS`.",
+        "schema": {"type": "string", "enum": ["HIT", "MISS"]},
+    },
+    **RATE_LIMIT_HEADERS,
+}
+"""Response headers of a successful query."""
+
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
+    }
+}
 
 
 class ErrorBody(BaseModel):
-    code: str = Field(examples=["validation_error"])
-    message: str
-    request_id: str
-    details: list[dict[str, Any]] | None = None
+    code: str = Field(
+        description="Stable machine code, e.g. `validation_error`, `rate_limited`.",
+        examples=["validation_error"],
+    )
+    message: str = Field(description="What went wrong, for a person.")
+    request_id: str = Field(description="The request's id, as in X-Request-ID.")
+    details: list[dict[str, Any]] | None = Field(
+        None, description="Per-field problems of an invalid body."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -157,25 +267,48 @@ class ReadyResponse(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, CheckOut]
 
+    @classmethod
+    def from_readiness(cls, readiness: Readiness) -> ReadyResponse:
+        return cls(
+            status="ready" if readiness.ready else "not_ready",
+            checks={
+                name: CheckOut(status=c.status, latency_ms=c.latency_ms, detail=c.detail)
+                for name, c in readiness.checks.items()
+            },
+        )
+
 
 class SessionOut(BaseModel):
     id: uuid.UUID
-    agent: str
-    message_count: int
-    metadata: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
+    agent: str = Field(description="The agent the session talks to.")
+    message_count: int = Field(description="Messages stored (user, assistant and tool).")
+    metadata: dict[str, Any] = Field(description="What the first request attached.")
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+    @classmethod
+    def from_record(cls, record: SessionRecord) -> SessionOut:
+        return cls(
+            id=record.id,
+            agent=record.agent,
+            message_count=record.message_count,
+            metadata=record.metadata,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
 
 
 class SessionPage(BaseModel):
     sessions: list[SessionOut]
     limit: int
     offset: int
-    next_offset: int | None
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
 
 
 class MessageOut(BaseModel):
-    seq: int
+    model_config = ConfigDict(from_attributes=True)
+
+    seq: int = Field(description="Position in the session, from 1.")
     role: str
     content: str | None
     tool_calls: list[dict[str, Any]] | None
@@ -183,21 +316,21 @@ class MessageOut(BaseModel):
     name: str | None
     prompt_tokens: int
     completion_tokens: int
-    request_id: str | None
-    created_at: datetime
+    request_id: str | None = Field(description="The request that wrote it.")
+    created_at: AwareDatetime
 
 
 class SessionDetail(SessionOut):
     messages: list[MessageOut]
     limit: int
     offset: int
-    next_offset: int | None
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
 
 
 class AgentOut(BaseModel):
     name: str
     description: str
-    model: str
+    model: str = Field(description="The model id its first upstream is asked for.")
     tools: list[str]
     max_steps: int
     pool_size: int

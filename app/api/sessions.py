@@ -3,80 +3,65 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Query
-from starlette.responses import Response
+from fastapi import APIRouter, Query, Response
 
-from app.api.deps import RuntimeDep
+from app.api.deps import PrincipalDep, SessionServiceDep, SessionsLimit
 from app.api.errors import SESSIONS_ERRORS
-from app.api.responses import JSON
-from app.api.schemas import SessionDetail, SessionPage
-from app.api.security import PrincipalDep
-from app.runtime import Runtime
-from app.security.jwt import Principal
-from app.security.ratelimit import rate_limit_headers
-from app.service import SessionNotFoundError
+from app.api.schemas import (
+    RATE_LIMIT_HEADERS,
+    REQUEST_ID_HEADER,
+    MessageOut,
+    SessionDetail,
+    SessionOut,
+    SessionPage,
+)
 
-router = APIRouter(prefix="/sessions", tags=["sessions"], responses=SESSIONS_ERRORS)
+router = APIRouter(
+    prefix="/sessions",
+    tags=["sessions"],
+    responses={200: {"headers": {**REQUEST_ID_HEADER, **RATE_LIMIT_HEADERS}}, **SESSIONS_ERRORS},
+    dependencies=[SessionsLimit],
+)
 
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size.")]
+MessageLimit = Annotated[int, Query(ge=1, le=1000, description="Messages per page.")]
 Offset = Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")]
 
 
-async def _limited(runtime: Runtime, principal: Principal) -> dict[str, str]:
-    state = await runtime.limiter.hit(
-        "sessions", principal.subject, runtime.settings.rate_limit_secure_query
-    )
-    return rate_limit_headers(state)
-
-
-def _next(total: int, limit: int, offset: int) -> int | None:
-    return offset + limit if offset + limit < total else None
-
-
-@router.get("", response_model=SessionPage, summary="My sessions, most recent first")
+@router.get("", operation_id="list_sessions", summary="My sessions, most recent first")
 async def list_sessions(
-    runtime: RuntimeDep, principal: PrincipalDep, limit: Limit = 20, offset: Offset = 0
-) -> Response:
-    headers = await _limited(runtime, principal)
-    # one row more than asked tells whether another page exists
-    rows = await runtime.store.list_sessions(principal.subject, limit=limit + 1, offset=offset)
-    body: dict[str, Any] = {
-        "sessions": [_session(row) for row in rows[:limit]],
-        "limit": limit,
-        "offset": offset,
-        "next_offset": offset + limit if len(rows) > limit else None,
-    }
-    return JSON(body, headers=headers)
+    sessions: SessionServiceDep, principal: PrincipalDep, limit: Limit = 20, offset: Offset = 0
+) -> SessionPage:
+    page = await sessions.list(principal.subject, limit=limit, offset=offset)
+    return SessionPage(
+        sessions=[SessionOut.from_record(record) for record in page.sessions],
+        limit=page.page.limit,
+        offset=page.page.offset,
+        next_offset=page.page.next_offset,
+    )
 
 
-@router.get("/{session_id}", response_model=SessionDetail, summary="One session's messages")
+@router.get("/{session_id}", operation_id="get_session", summary="One session's messages")
 async def get_session(
     session_id: uuid.UUID,
-    runtime: RuntimeDep,
+    sessions: SessionServiceDep,
     principal: PrincipalDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: MessageLimit = 100,
     offset: Offset = 0,
-) -> Response:
-    headers = await _limited(runtime, principal)
-    record = await runtime.store.load(session_id, with_history=False)
-    if record is None or record.owner != principal.subject:
-        raise SessionNotFoundError(f"session {session_id} does not exist")
-    messages = await runtime.store.messages(session_id, limit=limit, offset=offset)
-    body = {
-        "id": str(record.id),
-        "agent": record.agent,
-        "message_count": record.message_count,
-        "metadata": record.metadata,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-        "messages": messages,
-        "limit": limit,
-        "offset": offset,
-        "next_offset": _next(record.message_count, limit, offset),
-    }
-    return JSON(body, headers=headers)
+) -> SessionDetail:
+    transcript = await sessions.transcript(
+        session_id, principal.subject, limit=limit, offset=offset
+    )
+    session = SessionOut.from_record(transcript.session)
+    return SessionDetail(
+        **session.model_dump(),
+        messages=[MessageOut.model_validate(message) for message in transcript.messages],
+        limit=transcript.page.limit,
+        offset=transcript.page.offset,
+        next_offset=transcript.page.next_offset,
+    )
 
 
 @router.delete(
@@ -85,19 +70,7 @@ async def get_session(
     summary="Erase a session, its messages and the cache entries its turns wrote",
 )
 async def delete_session(
-    session_id: uuid.UUID, runtime: RuntimeDep, principal: PrincipalDep
+    session_id: uuid.UUID, sessions: SessionServiceDep, principal: PrincipalDep
 ) -> Response:
-    headers = await _limited(runtime, principal)
-    await runtime.service.forget(session_id, principal.subject)
-    return Response(status_code=204, headers=headers)
-
-
-def _session(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": str(row["id"]),
-        "agent": row["agent"],
-        "message_count": row["message_count"],
-        "metadata": row["metadata"] or {},
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
+    await sessions.forget(session_id, principal.subject)
+    return Response(status_code=204)

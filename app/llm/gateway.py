@@ -9,11 +9,11 @@ from __future__ import annotations
 import httpx
 
 from app.config import Settings, UpstreamConfig
-from app.llm.breaker import BreakerConfig, CircuitBreaker, StateListener
 from app.llm.openai_compat import OpenAICompatibleModel, build_http_client
 from app.llm.resilient import FallbackChain, LLMObserver, ResilientUpstream, RetryPolicy
 from app.llm.simulator import Simulator, SimulatorChatModel, SimulatorKnobs
 from app.llm.types import ChatModel
+from app.resilience.breaker import BreakerConfig, CircuitBreaker, StateListener
 
 
 def breaker_config(settings: Settings) -> BreakerConfig:
@@ -48,7 +48,7 @@ class LLMGateway:
         on_breaker_change: StateListener | None = None,
     ) -> None:
         self._settings = settings
-        self._clients: list[httpx.AsyncClient] = []
+        self.clients: list[httpx.AsyncClient] = []
         self.simulator: Simulator | None = None
         policy = RetryPolicy(
             max_attempts=settings.llm_max_attempts,
@@ -74,7 +74,7 @@ class LLMGateway:
                 self.simulator = Simulator(simulator_knobs(self._settings))
             return SimulatorChatModel(self.simulator, name=config.name)
         client = build_http_client(self._settings, config)
-        self._clients.append(client)
+        self.clients.append(client)
         return OpenAICompatibleModel(config.name, client)
 
     @property
@@ -110,5 +110,5 @@ class LLMGateway:
         ]
 
     async def aclose(self) -> None:
-        for client in self._clients:
+        for client in self.clients:
             await client.aclose()

@@ -102,16 +102,14 @@ class OpenAICompatibleModel:
 
     def __init__(self, name: str, client: httpx.AsyncClient) -> None:
         self.name = name
-        self._client = client
+        self.client = client
         # Absolute and parsed once: httpx joins a relative path to base_url (always ending in
         # "/") and parses the result again, host included, on every request.
         self._url = client.base_url.join("chat/completions")
 
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            response = await self._client.post(
-                self._url, content=orjson.dumps(request.to_payload())
-            )
+            response = await self.client.post(self._url, content=orjson.dumps(request.to_payload()))
         except httpx.TimeoutException as exc:
             raise self._error("timeout", f"timed out: {exc!r}") from exc
         except httpx.TransportError as exc:
@@ -129,7 +127,7 @@ class OpenAICompatibleModel:
         payload = request.to_payload(stream=True)
         try:
             async with aconnect_sse(
-                self._client, "POST", str(self._url), content=orjson.dumps(payload)
+                self.client, "POST", str(self._url), content=orjson.dumps(payload)
             ) as source:
                 if source.response.status_code >= 400:
                     await source.response.aread()

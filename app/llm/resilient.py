@@ -31,7 +31,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from app.llm.breaker import CircuitBreaker
+from app.domain import Usage
 from app.llm.types import (
     CallNotPermittedError,
     ChatModel,
@@ -41,9 +41,9 @@ from app.llm.types import (
     LLMError,
     LLMUnavailableError,
     StreamingChatModel,
-    Usage,
 )
 from app.observability.tracing import current_tracer, record_error, traced_iteration
+from app.resilience.breaker import BreakerOpenError, CircuitBreaker
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class ResilientUpstream:
             async with asyncio.timeout(self._policy.deadline):
                 async for attempt in self._retrying():
                     with attempt:
-                        self.breaker.try_acquire()
+                        self._permit()
                         started = time.perf_counter()
                         iterator = model.stream(request)
                         first = await self._guarded(anext(iterator), request.model, started)
@@ -290,8 +290,15 @@ class ResilientUpstream:
             if close is not None:
                 await close()
 
+    def _permit(self) -> None:
+        """The breaker's permission for one attempt; its refusal as this upstream's LLMError."""
+        try:
+            self.breaker.try_acquire()
+        except BreakerOpenError as refused:
+            raise CallNotPermittedError(self.name, refused.retry_after) from None
+
     async def _attempt(self, request: ChatRequest) -> Completion:
-        self.breaker.try_acquire()
+        self._permit()
         started = time.perf_counter()
         completion = await self._guarded(self._model.complete(request), request.model, started)
         self._succeeded(request.model, completion, started)

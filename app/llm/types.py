@@ -1,7 +1,6 @@
-"""Plain data types shared by every chat model implementation.
+"""The chat model interface and its data types, shared by every implementation.
 
-Messages travel in the OpenAI Chat Completions wire shape (plain dicts), because that is
-what every upstream speaks and what gets stored; everything else is a small dataclass.
+Messages are `app.domain.Message` (OpenAI's wire shape); the rest are small dataclasses.
 """
 
 from __future__ import annotations
@@ -10,27 +9,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-Message = dict[str, Any]
-"""One chat message in OpenAI wire shape: {"role": ..., "content": ..., ...}."""
+from app.domain import Message, Usage
 
 ToolSchema = dict[str, Any]
 """One tool in OpenAI wire shape: {"type": "function", "function": {...}}."""
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-        )
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(slots=True, frozen=True)
@@ -115,7 +97,8 @@ FailureKind = Literal["connect", "timeout", "status", "protocol", "open", "deadl
 
 
 class LLMError(Exception):
-    """A call to an upstream failed."""
+    """A call to an upstream failed. Its text (upstream, status, body) is for the logs: the
+    service reports it to callers as `app.errors.UpstreamUnavailableError`."""
 
     def __init__(
         self,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from app.llm.types import Completion, LLMError, ToolCall, Usage
+from app.domain import Usage
+from app.llm.types import Completion, LLMError, ToolCall
 
 
 def parse_usage(data: Mapping[str, Any] | None) -> Usage:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
-from prometheus_fastapi_instrumentator.metrics import Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from app.llm.breaker import BreakerState
-from app.llm.types import Usage
+from app.domain import Usage
 
 
 class StepLike(Protocol):
@@ -27,11 +26,6 @@ class PoolStats(Protocol):
     def waiting(self) -> int: ...
 
 
-HTTP_HIGHR_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 7.5, 10,
-    30, 60,
-)  # fmt: skip
-HTTP_LOWR_BUCKETS = (0.1, 0.5, 1)
 LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10)
 
@@ -123,15 +117,15 @@ class Metrics:
         self._llm: dict[tuple[str, str], _LLMChildren] = {}
         self._cache_hits = self.cache_lookups.labels("hit")
         self._cache_misses = self.cache_lookups.labels("miss")
-        self.cache_errors = Counter(
-            "agentserve_cache_errors_total",
-            "Response cache backend errors by operation.",
+        self.redis_errors = Counter(
+            "agentserve_redis_errors_total",
+            "Failed Redis calls (cache and rate limits) by operation.",
             ["operation"],
             registry=registry,
         )
-        self.cache_degraded = Gauge(
-            "agentserve_cache_degraded",
-            "1 while the cache backend is skipped (breaker open or half-open), else 0.",
+        self.redis_degraded = Gauge(
+            "agentserve_redis_degraded",
+            "1 while Redis is skipped (circuit open or half-open), else 0.",
             registry=registry,
         )
         self.rate_limited = Counter(
@@ -161,11 +155,11 @@ class Metrics:
     def on_lookup(self, hit: bool) -> None:
         (self._cache_hits if hit else self._cache_misses).inc()
 
-    def on_error(self, operation: str) -> None:
-        self.cache_errors.labels(operation).inc()
+    def on_redis_error(self, operation: str) -> None:
+        self.redis_errors.labels(operation).inc()
 
-    def on_state(self, state: str) -> None:
-        self.cache_degraded.set(0 if state == "ok" else 1)
+    def on_redis_state(self, state: str) -> None:
+        self.redis_degraded.set(0 if state == "ok" else 1)
 
     # --- LLMObserver ----------------------------------------------------------------------
     def on_attempt(self, upstream: str, model: str, outcome: str, duration: float) -> None:
@@ -198,7 +192,7 @@ class Metrics:
         self.llm_retries.labels(upstream).inc()
 
     # --- breaker listener -----------------------------------------------------------------
-    def on_breaker_change(self, name: str, _old: BreakerState, new: BreakerState) -> None:
+    def on_breaker_change(self, name: str, _old: IntEnum, new: IntEnum) -> None:
         self.breaker_state.labels(name).set(int(new))
         self.breaker_transitions.labels(name, new.name.lower()).inc()
 
@@ -218,94 +212,3 @@ class Metrics:
         self.pool_size.labels(pool.name).set(pool.size)
         self.pool_in_use.labels(pool.name).set_function(lambda: float(pool.in_use))
         self.pool_waiting.labels(pool.name).set_function(lambda: float(pool.waiting))
-
-
-def http_instrumentation(registry: CollectorRegistry, namespace: str) -> Callable[[Info], None]:
-    """The instrumentator's default series, recorded more cheaply.
-
-    The same five series as prometheus-fastapi-instrumentator's `metrics.default()`, with
-    its names, labels and buckets (the dashboards and alerts in deploy/ read three of them):
-    `http_requests_total` (method, status, handler), `http_request_size_bytes` and
-    `http_response_size_bytes` (handler, from Content-Length), and the latency histograms
-    `http_request_duration_highr_seconds` (no labels) and `http_request_duration_seconds`
-    (method, handler). `default()` builds label lists and calls `labels()` four times on
-    every request: ~165,000 instructions, 4.7 % of a /query turn (bench/turn_cost.py
-    --http). Here each label set's children are looked up once and kept (there are no more
-    of them than the metrics themselves hold): 53,000 instructions less a request, 5.4
-    against 12.2 us in a timeit loop; the rest is prometheus_client's own observing. The
-    Instrumentator options that `default()` takes (2xx-only highr, streaming excluded) are
-    not offered: this app sets none of them.
-    """
-    total = Counter(
-        "http_requests_total",
-        "Total number of requests by method, status and handler.",
-        ["method", "status", "handler"],
-        namespace=namespace,
-        registry=registry,
-    )
-    in_size = Summary(
-        "http_request_size_bytes",
-        "Content length of incoming requests by handler. Only value of header is respected. "
-        "Otherwise ignored. No percentile calculated. ",
-        ["handler"],
-        namespace=namespace,
-        registry=registry,
-    )
-    out_size = Summary(
-        "http_response_size_bytes",
-        "Content length of outgoing responses by handler. Only value of header is respected. "
-        "Otherwise ignored. No percentile calculated. ",
-        ["handler"],
-        namespace=namespace,
-        registry=registry,
-    )
-    highr = Histogram(
-        "http_request_duration_highr_seconds",
-        "Latency with many buckets but no API specific labels. Made for more accurate "
-        "percentile calculations. ",
-        buckets=HTTP_HIGHR_BUCKETS,
-        namespace=namespace,
-        registry=registry,
-    )
-    lowr = Histogram(
-        "http_request_duration_seconds",
-        "Latency with only few buckets by handler. Made to be only used if aggregation by "
-        "handler is important. ",
-        ["method", "handler"],
-        buckets=HTTP_LOWR_BUCKETS,
-        namespace=namespace,
-        registry=registry,
-    )
-    children: dict[tuple[str, str, str], tuple[Callable[[float], None], ...]] = {}
-
-    def instrumentation(info: Info) -> None:
-        method, status, handler = info.method, info.modified_status, info.modified_handler
-        key = (method, status, handler)
-        found = children.get(key)
-        if found is None:
-            found = children[key] = (
-                total.labels(method, status, handler).inc,
-                in_size.labels(handler).observe,
-                out_size.labels(handler).observe,
-                lowr.labels(method, handler).observe,
-            )
-        count, request_size, response_size, duration = found
-        count(1)
-        request_size(_content_length(info.request.headers.get("content-length")))
-        response = info.response
-        response_size(_content_length(response.headers.get("content-length") if response else None))
-        highr.observe(info.modified_duration)
-        duration(info.modified_duration)
-
-    return instrumentation
-
-
-def _content_length(value: str | None) -> int:
-    """A Content-Length as `default()` counts it: 0 when absent; a malformed one as 0 too
-    (`default()` would raise in the middleware, after the response went out)."""
-    if not value:
-        return 0
-    try:
-        return int(value)
-    except ValueError:
-        return 0

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -63,6 +63,7 @@ from app import __version__
 from app.config import Settings
 
 if TYPE_CHECKING:
+    import httpx
     from fastapi import FastAPI
     from sqlalchemy.ext.asyncio import AsyncEngine
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -219,6 +220,7 @@ class Tracing:
         self._redis = redis
         self._processors: list[SpanProcessor] = []
         self._instrumented: list[Instrumentor] = []
+        self._clients: list[httpx.AsyncClient] = []
 
     @classmethod
     def from_settings(
@@ -255,8 +257,9 @@ class Tracing:
             exclude_spans=["receive", "send"],
         )
 
-    def start(self, engine: AsyncEngine) -> None:
-        """In the lifespan: span processors, then httpx, SQLAlchemy and Redis."""
+    def start(self, engine: AsyncEngine, http_clients: Sequence[httpx.AsyncClient] = ()) -> None:
+        """In the lifespan: span processors, then httpx (the upstream clients, whose
+        transport is the app's own, and every stock httpx client), SQLAlchemy and Redis."""
         if self._span_exporter is not None:
             self._add_processor(SimpleSpanProcessor(self._span_exporter))
         if self.otlp_endpoint is not None:
@@ -269,6 +272,9 @@ class Tracing:
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
         self._instrument(HTTPXClientInstrumentor())
+        for client in http_clients:
+            HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
+            self._clients.append(client)
         # The instrumentor pins sqlalchemy < 2.1 but works with 2.1 (the integration test
         # checks its spans), so its version check is skipped.
         self._instrument(SQLAlchemyInstrumentor(), engine=engine.sync_engine, skip_dep_check=True)
@@ -293,6 +299,11 @@ class Tracing:
 
     async def shutdown(self) -> None:
         """In the lifespan's exit: undo the patches, then flush and stop the exporters."""
+        if self._clients:
+            from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+            while self._clients:
+                HTTPXClientInstrumentor.uninstrument_client(self._clients.pop())
         while self._instrumented:
             instrumentor = self._instrumented.pop()
             if instrumentor.is_instrumented_by_opentelemetry:  # False if its version check failed

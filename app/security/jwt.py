@@ -40,6 +40,7 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
 
 from app.config import HMAC_ALGORITHMS, Settings
+from app.errors import AppError
 
 __all__ = [
     "DEFAULT_MIN_REFRESH_INTERVAL",
@@ -95,7 +96,7 @@ class Principal:
         return self.agents is None or agent in self.agents
 
 
-class AuthError(Exception):
+class AuthError(AppError):
     """A refused request: 401 (no/invalid credentials) or 403 (insufficient scope).
 
     ``error`` is the RFC 6750 code, or ``""`` when no credentials were sent at all (then the
@@ -111,11 +112,12 @@ class AuthError(Exception):
     def __init__(
         self, status: int, error: str, description: str, *, scope: str | None = None
     ) -> None:
-        super().__init__(description)
-        self.status = status
         self.error = error
         self.description = description
         self.scope = scope
+        super().__init__(description, headers={"WWW-Authenticate": self.www_authenticate()})
+        self.status = status
+        self.code = error or "unauthorized"
 
     def www_authenticate(self, realm: str = "agentserve") -> str:
         params = [f'realm="{_param(realm)}"']

@@ -3,32 +3,22 @@
 Two limits guard each identity (a client IP on /query, a JWT subject on /secure-query), each
 in its own `scope` so the endpoints never share buckets:
 
-* **requests per window** - a sliding window counter (the algorithm of the `limits` library:
-  see `RateLimiter`), in Redis when one is configured (so every replica counts into the same
-  bucket) and in process otherwise;
+* **requests per window** - a sliding window counter (see `RateLimiter`), in Redis when one
+  is configured (so every replica counts into the same bucket) and in process otherwise;
 * **requests in flight** - a semaphore: in Redis a sorted set per identity whose members are
   request tokens scored by the end of their lease; expired leases are dropped before counting,
   so a replica that dies holding slots gives them back after `lease_seconds`.
 
-Why the Redis window is hand-written: `limits`' Redis storage needs two scripts per request
-(`hit`, then `get_window_stats` for the headers; it has no call that does both) and has no
-concurrency limit at all, so a request used to cost three round trips before its work (two
-window scripts, the slot script) and an awaited ZREM after it. Every round trip through
-redis-py costs this process CPU (command packing, a socket write, a read callback, reply
-parsing), and the service spends about 30 % of its CPU in redis-py. Now `RateLimiter.admit`
-runs ONE Lua script (`_ADMIT_LUA`) that checks the window, takes a slot, counts the request
-and returns what the RateLimit-* headers need; leaving gives the slot back without waiting:
-the identity's next admission carries the release in its script (or a ZREM goes out after
-`_RELEASE_DELAY` when none comes). Measured on the dev machine (local Redis 7, hiredis,
-uvloop, the app's pool settings, 2,000 sequential admissions x 5, process CPU per
-admission, ZREM included): 230 us with `limits`, 115 us with the script and a ZREM per
-release - half, as the round trips (4 -> 2, of which 1 before the response instead of 4);
-wall time 380 -> 195 us. Carrying the releases leaves one round trip per request for a
-client that keeps sending.
-The script is line for line the algorithm of `limits`' acquire_sliding_window.lua,
-sliding_window.lua and `get_window_stats`, on the same key names, so replicas of the previous
-release (counting with `limits`) and of this one share their buckets during a rolling deploy.
-In process (no Redis, or Redis failing) `limits` still does the counting (MemoryStorage +
+Why the Redis side is a script of our own: `limits`' Redis storage has no concurrency limit
+and needs two scripts per request (`hit`, then `get_window_stats` for the headers), so with a
+slot of our own a request would cost three round trips before its work and a fourth after.
+`RateLimiter.admit` runs ONE Lua script (`_ADMIT_LUA`) that checks the window, takes a slot,
+counts the request and returns what the RateLimit-* headers need; leaving gives the slot back
+without waiting: the identity's next admission carries the release in its script (or a ZREM
+goes out after `_RELEASE_DELAY` when none comes). The window algorithm is the sliding window
+counter (two counters per identity, the previous one weighted by its overlap), the one
+`limits` also implements; the keys are this app's own (see `RateLimiter`). In process (no
+Redis, or Redis failing) `limits` does the counting (MemoryStorage +
 SlidingWindowCounterRateLimiter) next to an in-process count of requests in flight.
 
 A release waits in this process for the identity's next admission here, whose script removes
@@ -46,15 +36,9 @@ means a client that waits out `Retry-After: 1` and retries does not spend its bu
 answers it never got (a refusal costs us one script call either way, counted or not). A
 request over both limits is refused as `rate` (the longer wait).
 
-Failure policy: Redis is a shared optimisation, never a dependency of a request. Every Redis
-call (the script, the ZREMs) runs under one `asyncio.timeout` of 3 x `socket_timeout` + 50 ms
-(about 4 us of CPU). It stays because the client's own timeouts do not bound the call: the
-app's shared client waits for a pooled connection, may have no read timeout of its own (see
-`app.redis_client.create_redis`), and a client passed in may retry or wait for its pool without
-bound. Any Redis error is logged (at most one warning per interval), counted in
-`RateLimiter.errors`, and the call falls back to the in-process limiter: per-replica limits
-are better than none. After an error Redis is left alone for `fallback_seconds`, so an
-outage does not add a timeout to every request.
+Failure policy: the app's one (`app.resilience.redis_guard.RedisGuard`): every Redis call
+(the script, the ZREMs) is bounded, skipped while the circuit is open, and a failure falls
+back to the in-process limiter for that request: per-replica limits are better than none.
 
 Identities go into Redis keys only as SHA-256 hex digests, so nothing a caller sends (`:`,
 `*`, `{`, megabytes of text) can reach into another key or make keys unbounded.
@@ -66,6 +50,7 @@ one Redis (what the app connects to), not on Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -83,22 +68,15 @@ import limits
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+
+from app.errors import RateLimitedError
+from app.resilience.redis_guard import RedisGuard, RedisUnavailableError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RateLimitExceeded", "RateLimitState", "RateLimiter", "rate_limit_headers"]
 
-_BACKEND_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
-"""What a Redis call may raise: redis-py errors (connection, timeout, READONLY, OOM...) and
-socket/SSL/`asyncio.timeout` errors (TimeoutError is an OSError). Never RateLimitExceeded,
-never programming errors."""
-
 _SCOPE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_WARN_INTERVAL = 10.0
-"""At most one warning per this many seconds while Redis keeps failing."""
 _CONCURRENCY_RETRY_AFTER = 1.0
 _RELEASE_DELAY = 0.05
 """Seconds a slot release waits for an admission to carry it before it is sent on its own."""
@@ -108,21 +86,22 @@ timer); an identity has at most as many as its slots, unless those are set very 
 
 _RATE_REFUSED, _CONCURRENCY_REFUSED = 1, 2  # the script's status; 0: admitted
 
-# KEYS[1], KEYS[2]: the previous and the current window's counters, named as `limits` names
-# them; KEYS[3] (absent: no concurrency limit): the identity's slot set.
+# KEYS[1], KEYS[2]: the previous and the current window's counters; KEYS[3] (absent: no
+# concurrency limit): the identity's slot set.
 # ARGV: limit, window (ms), max in flight, lease (ms), token, then the identity's released
 # tokens this call carries (removed from KEYS[3] before the slots are counted).
 # Returns {status, remaining, ms until the window frees capacity}; status 0: admitted
 # (counted, slot taken), 1: refused by the window, 2: refused by the slots. Refusals write
 # nothing but the carried releases, the window shift and the dropped leases.
 #
-# The window is `limits`' sliding window counter: the current window's counter lives 2
+# The window is a sliding window counter: the current window's counter lives 2
 # windows (PX), so while its TTL is under one window it is really the previous window; it is
 # then renamed to KEYS[1] and a fresh current one starts, aligned to the same boundary. The
 # previous count weighs by its remaining TTL, a fraction of a window. Both TTLs are measured by
 # Redis, and the leases are scored by Redis' TIME, so replicas with skewed clocks agree.
-# Remaining and reset are computed as `limits`' get_window_stats computes them, except that a
-# window opened by this very request reports a whole window to go rather than 0 (2W mod W).
+# Remaining is the limit less the weighted count; reset is the time until the weighted count
+# drops by one (or the current window shifts), and a window opened by this very request
+# reports a whole window to go.
 _ADMIT_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -195,8 +174,9 @@ class RateLimitState:
     """Seconds until the window frees capacity (>= 0)."""
 
 
-class RateLimitExceeded(Exception):  # noqa: N818 - the API's name, like limits' own
-    """Refused: too many requests in the window (`rate`) or too many in flight."""
+class RateLimitExceeded(RateLimitedError):  # noqa: N818 - the API's name, like limits' own
+    """Refused: too many requests in the window (`rate`) or too many in flight; carries
+    the RateLimit-* headers beside Retry-After."""
 
     def __init__(
         self,
@@ -204,10 +184,15 @@ class RateLimitExceeded(Exception):  # noqa: N818 - the API's name, like limits'
         state: RateLimitState,
         retry_after: float,
     ) -> None:
-        super().__init__(f"{kind} limit of {state.limit} exceeded; retry after {retry_after:g}s")
+        what = "requests" if kind == "rate" else "concurrent requests"
+        super().__init__(
+            f"too many {what}; retry after {max(1, math.ceil(retry_after))}s",
+            retry_after=retry_after,
+            headers=rate_limit_headers(state),
+        )
         self.kind: Literal["rate", "concurrency"] = kind
         self.state = state
-        self.retry_after = retry_after
+        self.retry_after: float = retry_after
 
 
 def rate_limit_headers(state: RateLimitState) -> dict[str, str]:
@@ -227,6 +212,12 @@ def rate_limit_headers(state: RateLimitState) -> dict[str, str]:
 def _parse_limit(limit: str) -> limits.RateLimitItem:
     """`limits.parse`, cached (settings hold a handful of strings); ValueError if malformed."""
     return limits.parse(limit)
+
+
+def window_counter_key(prefix: str, item: limits.RateLimitItem, scope: str, digest: str) -> str:
+    """The current window's counter: `<prefix>rl:<scope>:<digest>:<amount>/<seconds>s`; the
+    previous window's is the same with `:previous` appended."""
+    return f"{prefix}{scope}:{digest}:{item.amount}/{item.get_expiry()}s"
 
 
 def _check_scope(scope: str) -> str:
@@ -260,52 +251,27 @@ class RateLimiter:
     by how much of it still overlaps - which is the usual trade for abuse limits and never lets
     a burst of twice the limit through, unlike a fixed window.
 
-    Backend: `redis_url` set -> "redis", through `redis` (the app's shared client, not closed
-    here) or, when that is None, a client of our own opened from the URL; both None ->
-    "memory".
+    Backend: "redis" through the app's guarded client when there is one, else "memory".
     """
 
     backend: Literal["redis", "memory"]
-    errors: int
-    """Redis failures seen (each one fell back to the in-process limiter)."""
 
     def __init__(
         self,
         *,
-        redis: Redis | None,
-        redis_url: str | None,
+        redis: RedisGuard | None,
         key_prefix: str,
-        socket_timeout: float,
         lease_seconds: float = 240.0,
-        fallback_seconds: float = 1.0,
     ) -> None:
         """
-        :param redis: shared asyncio client (not closed here); None: one of our own.
-        :param redis_url: the Redis URL; None means in process.
+        :param redis: the app's guarded Redis client (not closed here); None: in process.
         :param key_prefix: the app's Redis key prefix (`REDIS_KEY_PREFIX`).
-        :param socket_timeout: seconds per Redis operation (`REDIS_SOCKET_TIMEOUT`).
         :param lease_seconds: how long a concurrency slot survives without being released
             (a crashed replica's slots come back after this); about 2x the request timeout.
-        :param fallback_seconds: after a Redis error, use the in-process limiter this long
-            before trying Redis again (0: try Redis on every call).
         """
-        if socket_timeout <= 0:
-            raise ValueError("socket_timeout must be > 0")
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
-        if fallback_seconds < 0:
-            raise ValueError("fallback_seconds must be >= 0")
-        if redis is not None and redis_url is None:
-            raise ValueError("a Redis client needs redis_url too (None means in process)")
-        self.errors = 0
         self._lease_ms = max(1, round(lease_seconds * 1000))
-        self._fallback_seconds = fallback_seconds
-        # Bounds each Redis call: a wait for a pooled connection, a connect and the command
-        # (a NOSCRIPT reply after a Redis restart adds SCRIPT LOAD + EVALSHA, once).
-        self._deadline = 3 * socket_timeout + 0.05
-        self._skip_redis_until = 0.0
-        self._last_warning = -math.inf
-        self._suppressed = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: dict[str, list[str]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -315,25 +281,12 @@ class RateLimiter:
         self._local = SlidingWindowCounterRateLimiter(self._local_storage)
         self._in_flight: dict[str, int] = {}
 
-        self._redis: Redis | None = None
-        self._owns_redis = False
-        self._window_prefix = f"{key_prefix}rl:"  # + `limits`' key: `{LIMITER/...}`
+        self._guard = redis
+        self._window_prefix = f"{key_prefix}rl:"
         self._concurrency_prefix = f"{key_prefix}cc:"
-        if redis_url is None:
-            self.backend = "memory"
-            return
-
-        self.backend = "redis"
-        if redis is None:
-            redis = Redis.from_url(
-                redis_url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-            self._owns_redis = True
-        self._redis = redis
-        self._admit_script = redis.register_script(_ADMIT_LUA)
+        self.backend = "memory" if redis is None else "redis"
+        if redis is not None:
+            self._admit_script = redis.client.register_script(_ADMIT_LUA)
 
     # --- the API -------------------------------------------------------------------------
 
@@ -366,9 +319,9 @@ class RateLimiter:
     ) -> tuple[RateLimitState, str | None]:
         """Count the request and (max_in_flight > 0) take a slot; return the state and the
         slot's Redis token (None: no slot, or one taken in process)."""
-        if self._redis is not None and self._redis_usable():
-            window_key = f"{self._window_prefix}{{{item.key_for(scope, digest)}}}"
-            keys = [f"{window_key}/-1", window_key]
+        if self._guard is not None:
+            window_key = window_counter_key(self._window_prefix, item, scope, digest)
+            keys = [f"{window_key}:previous", window_key]
             token = slots = ""
             carried: list[str] = []
             if max_in_flight:
@@ -377,19 +330,24 @@ class RateLimiter:
                 keys.append(slots)
                 carried = self._carry_releases(slots)
             args = (item.amount, item.get_expiry() * 1000, max_in_flight, self._lease_ms, token)
+            script = self._admit_script
+
+            async def admission(client: Redis) -> Any:
+                return await script(keys=keys, args=(*args, *carried), client=client)
+
             try:
-                async with asyncio.timeout(self._deadline):
-                    reply = await self._admit_script(keys=keys, args=(*args, *carried))
+                reply = await self._guard.call("rate limit", admission)
             except BaseException as exc:
+                skipped = isinstance(exc, RedisUnavailableError) and not exc.attempted
                 if token:
-                    # The script may have run before the timeout or the cancellation: drop the
-                    # token in case it did (the count, if any, stays: one request too many at
-                    # worst), and let the releases it carried wait again.
+                    # The script may have run before the failure or the cancellation: drop
+                    # the token in case it did (the count, if any, stays: one request too
+                    # many at worst), and let the releases it carried wait again.
                     self._put_back(slots, carried)
-                    self._spawn(self._remove_token(slots, token))
-                if not isinstance(exc, _BACKEND_ERRORS):
+                    if not skipped:
+                        self._spawn(self._remove_token(slots, token))
+                if not isinstance(exc, RedisUnavailableError):
                     raise  # cancelled, or a bug
-                self._redis_failed("rate limit", exc)
             else:
                 status, remaining, reset_ms = (int(value) for value in reply)
                 reset_after = reset_ms / 1000
@@ -492,24 +450,22 @@ class RateLimiter:
             self._spawn(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        """Send the waiting releases: one ZREM per identity, all in one pipeline."""
+        """Send the waiting releases: one ZREM per identity, all in one pipeline. They go
+        even while the circuit is open (a slot left behind would lock its client out until
+        its lease ends, long after Redis is back); if Redis fails they are not tried again:
+        the leases free the slots later."""
         batch, self._releases = self._releases, {}
-        if not batch:
+        if not batch or self._guard is None:
             return
-        assert self._redis is not None
-        try:
-            async with asyncio.timeout(self._deadline):
-                if len(batch) == 1:
-                    [(redis_key, tokens)] = batch.items()
-                    await self._redis.zrem(redis_key, *tokens)
-                    return
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for redis_key, tokens in batch.items():
-                        pipe.zrem(redis_key, *tokens)
-                    await pipe.execute()
-        except _BACKEND_ERRORS as exc:
-            # Not tried again: the leases free the slots later; admissions keep using Redis.
-            self._redis_failed("concurrency release", exc, fall_back=False)
+
+        async def release(client: Redis) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for redis_key, tokens in batch.items():
+                    pipe.zrem(redis_key, *tokens)
+                await pipe.execute()
+
+        with contextlib.suppress(RedisUnavailableError):
+            await self._guard.call("concurrency release", release, bypass_breaker=True)
 
     def _release_locally(self, slot: str) -> None:
         left = self._in_flight.get(slot, 0) - 1
@@ -520,13 +476,15 @@ class RateLimiter:
 
     async def _remove_token(self, redis_key: str, token: str) -> None:
         """Drop a token the script may or may not have added (its call failed or was
-        cancelled); quiet, since the failure that led here was already reported."""
-        assert self._redis is not None
-        try:
-            async with asyncio.timeout(self._deadline):
-                await self._redis.zrem(redis_key, token)
-        except _BACKEND_ERRORS as exc:
-            logger.debug("dropping a concurrency token failed: %r", exc)
+        cancelled)."""
+        if self._guard is None:
+            return
+
+        async def remove(client: Redis) -> None:
+            await client.zrem(redis_key, token)
+
+        with contextlib.suppress(RedisUnavailableError):
+            await self._guard.call("concurrency release", remove, bypass_breaker=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `coro` to completion even if the caller is cancelled; aclose() awaits it."""
@@ -537,31 +495,8 @@ class RateLimiter:
 
     # --- failures and shutdown -----------------------------------------------------------
 
-    def _redis_usable(self) -> bool:
-        return time.monotonic() >= self._skip_redis_until
-
-    def _redis_failed(self, what: str, exc: BaseException, *, fall_back: bool = True) -> None:
-        """Count and log (at most one warning per interval); with `fall_back`, use the
-        in-process limits for `fallback_seconds`."""
-        self.errors += 1
-        now = time.monotonic()
-        if fall_back:
-            self._skip_redis_until = now + self._fallback_seconds
-        if now - self._last_warning >= _WARN_INTERVAL:
-            logger.warning(
-                "Redis %s failed (%r); %s (%d similar errors not logged)",
-                what,
-                exc,
-                "using in-process limits" if fall_back else "the leases free the slots later",
-                self._suppressed,
-            )
-            self._last_warning = now
-            self._suppressed = 0
-        else:
-            self._suppressed += 1
-
     async def aclose(self) -> None:
-        """Finish pending slot releases, close what this limiter opened (not the shared client)."""
+        """Finish pending slot releases (the shared client is the app's to close)."""
         if self._closed:
             return
         self._closed = True
@@ -571,12 +506,11 @@ class RateLimiter:
         if self._releases:
             self._spawn(self._flush_releases())
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self._deadline * 2)
+            timeout = 2 * self._guard.timeout if self._guard is not None else 1.0
+            await asyncio.wait(set(self._tasks), timeout=timeout)
         timer = self._local_storage.timer
         if timer is not None and not timer.done():
             timer.cancel()
-        if self._owns_redis and self._redis is not None:
-            await self._redis.aclose()
 
 
 class _Admission(AbstractAsyncContextManager[RateLimitState]):

@@ -1,4 +1,4 @@
-"""Engine and session factory, plus the checks /ready needs (ping, migrations at head)."""
+"""The engine, and the Alembic migrations that own the schema."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ from pathlib import Path
 
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.config import Settings
 
 
-def _migrations_dir() -> Path:
-    """`migrations/` beside the source tree (editable install, image) or in the cwd."""
-    beside_source = Path(__file__).resolve().parents[2] / "migrations"
-    return beside_source if beside_source.is_dir() else Path.cwd() / "migrations"
+def migrations_dir() -> Path:
+    """The Alembic scripts: `app/migrations` in an installed wheel (pyproject.toml ships them
+    there), the top-level `migrations/` in a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "migrations"
+    return installed if installed.is_dir() else package.parent / "migrations"
 
 
 def ensure_sqlite_directory(database_url: str) -> None:
@@ -57,13 +58,9 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.close()
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[DbSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
-
-
 def alembic_config(database_url: str) -> AlembicConfig:
     config = AlembicConfig()
-    config.set_main_option("script_location", str(_migrations_dir()))
+    config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
 
@@ -89,12 +86,3 @@ def upgrade_to_head(database_url: str) -> None:
 
 async def migrate(database_url: str) -> None:
     await asyncio.to_thread(upgrade_to_head, database_url)
-
-
-async def current_revision(engine: AsyncEngine) -> str | None:
-    async with engine.connect() as conn:
-        try:
-            result = await conn.execute(text("SELECT version_num FROM alembic_version"))
-        except Exception:  # the table does not exist yet: nothing migrated
-            return None
-        return result.scalar_one_or_none()

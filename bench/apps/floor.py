@@ -16,17 +16,12 @@ Configured by bench/run.py through the environment:
     FLOOR_UPSTREAM_URL   optional: an OpenAI-compatible base URL (.../v1). A cache miss then
                          asks it for the answer (POST /chat/completions with the message,
                          aiohttp, orjson) before the transaction: the floor of scenario 4.
-    FLOOR_EXTRA_CPU_US   optional, for bench/cpu_budget.py: this many microseconds of pure
-                         Python work per request on top (half before the upstream call, half
-                         after), a stand-in for the CPU a real turn adds to the floor (not for
-                         its extra awaits: the curve it gives is a lower bound).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,7 +41,6 @@ POOL_MIN = int(os.environ.get("FLOOR_DB_POOL_MIN", "10"))
 POOL_MAX = int(os.environ.get("FLOOR_DB_POOL_MAX", "20"))
 REDIS_MAX_CONNECTIONS = int(os.environ.get("FLOOR_REDIS_MAX_CONNECTIONS", "50"))
 UPSTREAM_URL = os.environ.get("FLOOR_UPSTREAM_URL")
-EXTRA_CPU_US = float(os.environ.get("FLOOR_EXTRA_CPU_US", "0"))
 TTL_SECONDS = 3600
 
 INSERT_SESSION = (
@@ -57,23 +51,6 @@ INSERT_MESSAGE = (
     "INSERT INTO messages (session_id, seq, role, content, prompt_tokens, completion_tokens,"
     " created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
-
-
-def _spin(loops: int) -> int:
-    total = 0
-    for i in range(loops):
-        total ^= i  # stays a small int: each loop costs the same, however many run
-    return total
-
-
-def _loops_per_us() -> float:
-    """How many `_spin` loops one microsecond of this process's CPU buys (best of five)."""
-    loops, best = 200_000, float("inf")
-    for _ in range(5):
-        started = time.thread_time()
-        _spin(loops)
-        best = min(best, time.thread_time() - started)
-    return loops / (best * 1e6)
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
@@ -90,8 +67,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         BlockingConnectionPool.from_url(REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS)
     )
     app.state.upstream = None
-    # a fixed amount of work, not a time: preempted, it still costs the same CPU
-    app.state.half_extra_loops = int(EXTRA_CPU_US / 2 * _loops_per_us()) if EXTRA_CPU_US else 0
     if UPSTREAM_URL:
         # idle connections dropped before uvicorn's 5 s keep-alive closes them
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
@@ -126,9 +101,6 @@ app = FastAPI(title="bench floor", lifespan=lifespan, openapi_url=None, docs_url
 @app.post("/query")
 async def query(request: Request) -> Response:
     message: str = orjson.loads(await request.body())["message"]
-    extra_loops: int = request.app.state.half_extra_loops
-    if extra_loops:
-        _spin(extra_loops)
     key = KEY_PREFIX + "floor:" + hashlib.sha256(message.encode()).hexdigest()
     redis: Redis = request.app.state.redis
     cached = await redis.get(key)
@@ -139,8 +111,6 @@ async def query(request: Request) -> Response:
         answer = await ask_upstream(upstream, message)
     else:
         answer = f"[floor] You said: {message}"
-    if extra_loops:
-        _spin(extra_loops)
     session_id = uuid.uuid4()
     now = datetime.now(UTC)
     pool: asyncpg.Pool = request.app.state.db

@@ -335,7 +335,7 @@ async def test_a_session_deleted_by_another_replica_mid_turn_leaves_no_cache_ent
         )
         await asyncio.sleep(0.15)
         # another replica erases it: rows and cache entries, without this one knowing
-        await runtime.store.delete(uuid.UUID(sid))
+        await runtime.turns.delete(uuid.UUID(sid))
         await runtime.cache.forget_session(sid)
         response = await turn
         assert_error_shape(response, 404, "session_not_found")
@@ -396,7 +396,7 @@ async def test_health_ready_and_metrics(app_factory: AppFactory) -> None:
             in metrics
         )
 
-        app.state.runtime.lifecycle.draining = True
+        app.state.lifecycle.draining = True
         draining = await client.get("/ready")
         assert draining.status_code == 503
         assert draining.json()["checks"]["lifecycle"]["detail"] == "shutting down"
@@ -439,7 +439,7 @@ async def test_an_unexpected_error_is_a_json_500_with_the_request_id(
         async def broken(_: object) -> None:
             raise RuntimeError("boom: internal detail")
 
-        app.state.runtime.service.answer = broken
+        app.state.runtime.state["query_service"].answer = broken
         response = await client.post(
             "/query", json={"message": "hi"}, headers={"X-Request-ID": "trace-500"}
         )

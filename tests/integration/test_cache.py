@@ -13,12 +13,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-from app.cache import ResponseCache, create_cache_breaker
-from app.llm.breaker import BreakerState
-from app.redis_client import create_redis
+from app.cache import ResponseCache
+from app.resilience.breaker import BreakerState, CircuitBreaker
+from app.resilience.redis_guard import RedisGuard, create_redis, redis_breaker
 from tests.conftest import make_settings, wait_until
-from tests.redisserver import RedisServer
-from tests.simserver import unused_port
+from tests.support.redisserver import RedisServer
+from tests.support.simserver import unused_port
 
 
 @dataclass
@@ -30,10 +30,10 @@ class RecordingObserver:
     def on_lookup(self, hit: bool) -> None:
         self.lookups.append(hit)
 
-    def on_error(self, operation: str) -> None:
-        self.errors.append(operation)
+    def on_redis_error(self, operation: str) -> None:
+        self.errors.append(operation.removeprefix("cache "))
 
-    def on_state(self, state: str) -> None:
+    def on_redis_state(self, state: str) -> None:
         self.states.append(state)
 
 
@@ -92,7 +92,7 @@ async def make_cache(redis_url: str, redis_prefix: str) -> AsyncIterator[CacheFa
         observer: RecordingObserver | None = None,
         counting: bool = False,
     ) -> ResponseCache:
-        client: Redis | None = None
+        guard: RedisGuard | None = None
         if backend == "redis":
             settings = make_settings(
                 redis_url=url or redis_url, redis_socket_timeout=socket_timeout
@@ -101,15 +101,17 @@ async def make_cache(redis_url: str, redis_prefix: str) -> AsyncIterator[CacheFa
             if counting:
                 client.connection_pool.connection_class = CountingConnection
             clients.append(client)
+            guard = RedisGuard(
+                client,
+                timeout=socket_timeout,
+                breaker=redis_breaker(open_seconds),
+                observer=observer,
+            )
         cache = ResponseCache(
-            redis=client,
+            redis=guard,
             key_prefix=redis_prefix,
             max_entries=max_entries,
             lock_seconds=lock_seconds,
-            socket_timeout=socket_timeout,
-            breaker=create_cache_breaker(
-                open_seconds=open_seconds, slow_call_seconds=socket_timeout
-            ),
             observer=observer,
         )
         caches.append(cache)
@@ -120,6 +122,11 @@ async def make_cache(redis_url: str, redis_prefix: str) -> AsyncIterator[CacheFa
         await cache.aclose()
     for client in clients:
         await client.aclose()
+
+
+def breaker_of(cache: ResponseCache) -> CircuitBreaker:
+    assert cache.redis is not None
+    return cache.redis.breaker
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -146,7 +153,7 @@ async def test_get_after_set(make_cache: CacheFactory, backend: str) -> None:
     assert await cache.get("k1") == b"\x00value\xff"
     assert observer.lookups == [False, True]
     assert observer.errors == []
-    assert observer.states == ["ok"]
+    assert observer.states == (["ok"] if backend == "redis" else [])
     assert cache.status()["state"] == "ok"
     assert cache.status()["backend"] == backend
 
@@ -367,8 +374,7 @@ async def test_lock_is_released_even_when_the_breaker_opened_meanwhile(
 ) -> None:
     """A lock left behind would stall every later request for the key until it expired."""
     cache = await make_cache("redis", lock_seconds=30)
-    breaker = cache._breaker
-    assert breaker is not None
+    breaker = breaker_of(cache)
 
     async def compute_while_redis_flaps() -> bytes:
         for _ in range(10):  # the breaker sees failures from other requests and opens
@@ -564,10 +570,9 @@ async def test_half_open_failure_reopens(make_cache: CacheFactory) -> None:
     )
     for _ in range(5):
         await cache.get("k")
-    assert cache._breaker is not None
-    assert cache._breaker.state is BreakerState.OPEN
+    assert breaker_of(cache).state is BreakerState.OPEN
     await asyncio.sleep(0.25)
     await cache.get("k")  # probe fails
     await cache.get("k")  # second probe fails: opens again
-    assert cache._breaker.state is BreakerState.OPEN
+    assert breaker_of(cache).state is BreakerState.OPEN
     assert observer.states == ["ok", "degraded"]  # half-open is still "degraded"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,11 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from tests.support.processes import free_port, wait_for_health
+
 pytestmark = pytest.mark.integration
 
 AGENTSERVE = [sys.executable, "-m", "app"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -52,20 +47,6 @@ def test_migrate_creates_the_schema(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert {"sessions", "messages", "alembic_version"} <= tables
-
-
-def wait_for_health(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.communicate()[1]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become healthy")
 
 
 def test_sigterm_turns_ready_off_and_drains_in_flight_requests(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Built the way the app builds it: build_http_client -> OpenAICompatibleModel ->
 ResilientUpstream(CircuitBreaker, RetryPolicy) -> FallbackChain / LLMGateway. The simulator
-runs in a uvicorn server on another thread (tests/simserver.py), so timeouts, connection
+runs in a uvicorn server on another thread (tests/support/simserver.py), so timeouts, connection
 handling, Retry-After headers and SSE streaming are the real thing.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from app.agents.tools import builtin_registry
 from app.config import Settings, UpstreamConfig
-from app.llm.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.domain import Usage
 from app.llm.gateway import LLMGateway
 from app.llm.openai_compat import OpenAICompatibleModel, build_http_client
 from app.llm.resilient import FallbackChain, ResilientUpstream, RetryPolicy
@@ -31,9 +31,9 @@ from app.llm.types import (
     CompletionDelta,
     LLMError,
     LLMUnavailableError,
-    Usage,
 )
-from tests.simserver import SimServer, running_simulator, unused_port
+from app.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from tests.support.simserver import SimServer, running_simulator, unused_port
 
 MAX_ATTEMPTS = 3
 FAST_POLICY = RetryPolicy(
@@ -707,7 +707,7 @@ async def test_gateway_builds_chains_from_settings(sim: SimServer, sim2: SimServ
         assert (sim.calls, sim2.calls) == (3, 2)
     finally:
         await gateway.aclose()
-    clients = list(gateway._clients)
+    clients = list(gateway.clients)
     assert len(clients) == 2
     assert all(client.is_closed for client in clients)
     with pytest.raises(LLMUnavailableError, match="closed"):

@@ -12,9 +12,11 @@ from typing import Any
 
 import anyio
 import pytest
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.resilience.redis_guard import RedisGuard, create_redis, redis_breaker
 from app.security import ratelimit
 from app.security.ratelimit import (
     RateLimiter,
@@ -22,6 +24,8 @@ from app.security.ratelimit import (
     RateLimitState,
     rate_limit_headers,
 )
+from tests.conftest import make_settings
+from tests.support.fakes import FakeClock, RedisEvents
 
 LimiterFactory = Callable[..., RateLimiter]
 UntilHeld = Callable[..., Awaitable[None]]
@@ -30,23 +34,50 @@ PLENTY = "100000/hour"
 """A rate no test reaches, for the tests of the concurrency limit."""
 
 
+def state_of(breaker: CircuitBreaker) -> BreakerState:
+    """The breaker's state, read afresh (a call, so mypy does not narrow it across awaits)."""
+    return breaker.state
+
+
+def patient_breaker() -> CircuitBreaker:
+    """A breaker that never opens within a test (100 calls before any rate is computed), for
+    the tests of what one failing request does."""
+    return CircuitBreaker(
+        "redis",
+        BreakerConfig(sliding_window_size=100, minimum_number_of_calls=100),
+    )
+
+
 @pytest.fixture
 async def make_limiter(redis_url: str, redis_prefix: str) -> AsyncIterator[LimiterFactory]:
     """`make_limiter()` on the real Redis under this test's prefix; `make_limiter(memory=True)`
-    in process. Each call is another replica: its own client, the same keys."""
+    in process. Each call is another replica: its own client (built as the app builds its
+    one), its own guard, the same keys. `timeout` bounds a Redis call; `breaker` defaults to
+    the app's (`redis_breaker`); `observer` records what the guard reports."""
     limiters: list[RateLimiter] = []
     clients: list[Redis] = []
 
-    def factory(*, memory: bool = False, url: str | None = None, **kwargs: Any) -> RateLimiter:
-        kwargs.setdefault("socket_timeout", 0.1)
+    def factory(
+        *,
+        memory: bool = False,
+        url: str | None = None,
+        timeout: float = 0.5,
+        breaker: CircuitBreaker | None = None,
+        observer: RedisEvents | None = None,
+        **kwargs: Any,
+    ) -> RateLimiter:
         kwargs.setdefault("key_prefix", redis_prefix)
-        if memory:
-            limiter = RateLimiter(redis=None, redis_url=None, **kwargs)
-        else:
-            target = url or redis_url
-            client = Redis.from_url(target, socket_timeout=0.1, socket_connect_timeout=0.1)
+        guard: RedisGuard | None = None
+        if not memory:
+            client = create_redis(make_settings(redis_url=url or redis_url))
             clients.append(client)
-            limiter = RateLimiter(redis=client, redis_url=target, **kwargs)
+            guard = RedisGuard(
+                client,
+                timeout=timeout,
+                breaker=breaker if breaker is not None else redis_breaker(5.0),
+                observer=observer,
+            )
+        limiter = RateLimiter(redis=guard, **kwargs)
         limiters.append(limiter)
         return limiter
 
@@ -108,10 +139,12 @@ async def _assert_rate_limit(limiter: RateLimiter, identity: str) -> None:
 
 
 async def test_rate_limit_in_redis_refuses_then_resets(make_limiter: LimiterFactory) -> None:
-    limiter = make_limiter()
+    observer = RedisEvents()
+    limiter = make_limiter(observer=observer)
     assert limiter.backend == "redis"
     await _assert_rate_limit(limiter, "203.0.113.7")
-    assert limiter.errors == 0
+    assert observer.errors == []
+    assert observer.states == ["ok"]
 
 
 async def test_rate_limit_in_memory_refuses_then_resets(make_limiter: LimiterFactory) -> None:
@@ -164,7 +197,8 @@ async def test_identities_and_scopes_do_not_share_buckets(
 async def test_hostile_identities_stay_out_of_keys(
     make_limiter: LimiterFactory, redis_url: str, redis_prefix: str
 ) -> None:
-    limiter = make_limiter()
+    observer = RedisEvents()
+    limiter = make_limiter(observer=observer)
     hostile = ["*", "user:*", "{tag}", "x" * 100_000, "line\nbreak", "\udcff", ""]
     for identity in hostile:
         assert (await limiter.hit("query", identity, "3/hour")).remaining == 2
@@ -172,7 +206,7 @@ async def test_hostile_identities_stay_out_of_keys(
             assert state.remaining == 1
     for identity in hostile:
         assert (await limiter.hit("query", identity, "3/hour")).remaining == 0
-    assert limiter.errors == 0
+    assert observer.errors == []
 
     client = Redis.from_url(redis_url)
     try:
@@ -198,8 +232,8 @@ async def test_bad_arguments_are_refused(make_limiter: LimiterFactory, memory: b
         limiter.admit("Query", "alice", "1/hour", 1)
     with pytest.raises(ValueError, match="parse"):
         limiter.admit("query", "alice", "lots per fortnight", 1)
-    with pytest.raises(ValueError, match="redis_url"):
-        RateLimiter(redis=Redis(), redis_url=None, key_prefix="x:", socket_timeout=0.1)
+    with pytest.raises(ValueError, match="lease_seconds"):
+        make_limiter(memory=memory, lease_seconds=0)
 
 
 # --- requests in flight ------------------------------------------------------------------
@@ -209,7 +243,8 @@ async def test_bad_arguments_are_refused(make_limiter: LimiterFactory, memory: b
 async def test_concurrency_caps_in_flight_requests(
     make_limiter: LimiterFactory, until_held: UntilHeld, memory: bool
 ) -> None:
-    limiter = make_limiter(memory=memory)
+    observer = RedisEvents()
+    limiter = make_limiter(memory=memory, observer=observer)
     async with limiter.admit("query", "alice", PLENTY, 2):
         async with limiter.admit("query", "alice", PLENTY, 2):
             with pytest.raises(RateLimitExceeded) as refused:
@@ -237,7 +272,7 @@ async def test_concurrency_caps_in_flight_requests(
     await until_held(limiter, 0)
     async with limiter.admit("query", "alice", PLENTY, 1):
         pass
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 async def test_concurrency_holds_across_replicas(
@@ -258,22 +293,25 @@ async def test_concurrency_holds_across_replicas(
 async def test_slots_of_a_crashed_replica_come_back_after_the_lease(
     make_limiter: LimiterFactory,
 ) -> None:
-    crashed = make_limiter(lease_seconds=0.3)
-    alive = make_limiter(lease_seconds=0.3)
+    # Leases of 0.6 s, slots taken at 0 s and 0.3 s: each check that a slot is still held
+    # comes 0.25 s or more before its lease ends, so a stall of the event loop (which can only
+    # make a check later) does not turn it over.
+    crashed = make_limiter(lease_seconds=0.6)
+    alive = make_limiter(lease_seconds=0.6)
     # Entered and never exited, like a replica killed mid-request: one slot now, one later.
     await crashed.admit("query", "alice", PLENTY, 2).__aenter__()
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.3)
     await crashed.admit("query", "alice", PLENTY, 2).__aenter__()
     with pytest.raises(RateLimitExceeded):
         await alive.admit("query", "alice", PLENTY, 2).__aenter__()
 
     # The first lease is over (the key itself lives on, refreshed by the second one).
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.35)
     async with alive.admit("query", "alice", PLENTY, 2):
         with pytest.raises(RateLimitExceeded):
             await alive.admit("query", "alice", PLENTY, 2).__aenter__()
 
-    await asyncio.sleep(0.2)  # and now the second
+    await asyncio.sleep(0.3)  # and now the second
     async with alive.admit("query", "alice", PLENTY, 2), alive.admit("query", "alice", PLENTY, 2):
         pass
 
@@ -282,7 +320,8 @@ async def test_slots_of_a_crashed_replica_come_back_after_the_lease(
 async def test_cancelled_requests_give_their_slot_back(
     make_limiter: LimiterFactory, memory: bool
 ) -> None:
-    limiter = make_limiter(memory=memory)
+    observer = RedisEvents()
+    limiter = make_limiter(memory=memory, observer=observer)
     entered = asyncio.Event()
 
     async def request() -> None:
@@ -304,7 +343,7 @@ async def test_cancelled_requests_give_their_slot_back(
     assert scope.cancelled_caught
 
     await _wait_for_slot(limiter)
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 def _slots_of(redis_prefix: str, identity: str) -> str:
@@ -337,14 +376,15 @@ async def test_a_release_rides_on_the_identitys_next_admission(
     """A client that comes back before the release timer: its admission's script removes its
     waiting tokens, and no ZREM of their own is needed."""
     monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 60.0)  # only an admission can carry them
-    limiter = make_limiter()
+    observer = RedisEvents()
+    limiter = make_limiter(observer=observer)
     await _leave_together(limiter, 3, 3)
     assert await alice_holds() == 3  # the releases wait
     async with limiter.admit("query", "bob", PLENTY, 3):
         assert await alice_holds() == 3  # someone else's admission leaves them
     async with limiter.admit("query", "alice", PLENTY, 3):
         assert await alice_holds() == 1  # this one's slot; the three were carried
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 async def test_an_admission_carries_a_bounded_number_of_releases(
@@ -364,24 +404,26 @@ async def test_releases_go_out_on_their_own_when_no_admission_comes(
     make_limiter: LimiterFactory, until_held: UntilHeld, alice_holds: SlotCount, monkeypatch: Any
 ) -> None:
     monkeypatch.setattr(ratelimit, "_RELEASE_DELAY", 0.3)
-    limiter = make_limiter()
+    observer = RedisEvents()
+    limiter = make_limiter(observer=observer)
     async with limiter.admit("query", "alice", PLENTY, 1):
         pass
     assert await alice_holds() == 1  # waiting
     await until_held(limiter, 0)  # the timer's ZREM
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 async def test_releases_carried_by_a_failed_admission_wait_again(
     make_limiter: LimiterFactory, until_held: UntilHeld, redis_prefix: str, monkeypatch: Any
 ) -> None:
     """The script may not have run: the tokens it carried go out with the timer."""
-    limiter = make_limiter()
+    observer = RedisEvents()
+    limiter = make_limiter(observer=observer)
     async with limiter.admit("query", "alice", PLENTY, 2):
         pass
     calls: list[tuple[list[str], tuple[Any, ...]]] = []
 
-    async def refused(*, keys: list[str], args: tuple[Any, ...]) -> Any:
+    async def refused(*, keys: list[str], args: tuple[Any, ...], client: Redis) -> Any:
         calls.append((keys, args))
         raise RedisConnectionError("connection refused")
 
@@ -391,8 +433,9 @@ async def test_releases_carried_by_a_failed_admission_wait_again(
     [(keys, args)] = calls
     assert keys[2] == _slots_of(redis_prefix, "alice")
     assert len(args) == 6  # the five arguments and the carried token
-    assert limiter.errors == 1
     await until_held(limiter, 0)
+    # Reported once, as the admission's failure; the ZREMs that followed went through.
+    assert observer.errors == ["rate limit"]
 
 
 async def test_releases_after_close_go_out_at_once(
@@ -431,13 +474,12 @@ async def test_release_survives_cancellation_while_waiting_for_a_connection(
     redis_url: str, redis_prefix: str
 ) -> None:
     """The app's pool is busy and the client goes away: the slot must still come back."""
-    pool = BlockingConnectionPool.from_url(
-        redis_url, max_connections=1, timeout=2, socket_timeout=1
+    client = create_redis(
+        make_settings(redis_url=redis_url, redis_max_connections=1, redis_socket_timeout=2)
     )
-    client = Redis(connection_pool=pool)
-    limiter = RateLimiter(
-        redis=client, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.2
-    )
+    observer = RedisEvents()
+    guard = RedisGuard(client, timeout=1.0, breaker=redis_breaker(5.0), observer=observer)
+    limiter = RateLimiter(redis=guard, key_prefix=redis_prefix)
 
     async def hold_the_connection() -> None:
         await client.blpop([f"{redis_prefix}none"], timeout=0.1)
@@ -454,11 +496,10 @@ async def test_release_survives_cancellation_while_waiting_for_a_connection(
         assert blocker is not None
         await blocker
         await _wait_for_slot(limiter)
-        assert limiter.errors == 0
+        assert observer.errors == []
     finally:
         await limiter.aclose()
         await client.aclose()
-        await pool.aclose()
 
 
 # --- Redis failures ----------------------------------------------------------------------
@@ -482,14 +523,16 @@ def silent_redis_url() -> Iterator[str]:
         yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
 
 
-async def _assert_fails_open(limiter: RateLimiter) -> None:
-    for expected_errors in (1, 2, 3):
+async def _assert_fails_open(limiter: RateLimiter, observer: RedisEvents) -> None:
+    """Every request tries Redis once (the breaker stays closed), fails within the bound and
+    is answered by the in-process limits."""
+    for tried in (1, 2, 3):
         started = time.monotonic()
         async with limiter.admit("query", "alice", "3/hour", 1) as state:
-            assert (state.limit, state.remaining) == (3, 3 - expected_errors)
+            assert (state.limit, state.remaining) == (3, 3 - tried)
             assert 0 < state.reset_after <= 3600
         assert time.monotonic() - started < 0.5
-        assert limiter.errors == expected_errors  # one Redis call tried per request
+        assert observer.errors.count("rate limit") == tried  # one Redis call per request
     # The in-process fallback still limits: the window...
     with pytest.raises(RateLimitExceeded) as refused:
         async with limiter.admit("query", "alice", "3/hour", 1):
@@ -505,66 +548,111 @@ async def _assert_fails_open(limiter: RateLimiter) -> None:
     async with limiter.admit("query", "bob", "3/hour", 1) as state:
         assert state.remaining == 1
     assert (await limiter.hit("query", "carol", "3/hour")).remaining == 2
+    # Each of the 8 requests above tried Redis (and failed) exactly once.
+    assert observer.errors.count("rate limit") == 8
+    assert observer.states == ["ok"]
 
 
 async def test_redis_down_falls_back_to_in_process_limits(
     make_limiter: LimiterFactory, dead_redis_url: str
 ) -> None:
-    limiter = make_limiter(url=dead_redis_url, fallback_seconds=0)
+    observer = RedisEvents()
+    limiter = make_limiter(url=dead_redis_url, breaker=patient_breaker(), observer=observer)
     assert limiter.backend == "redis"
-    await _assert_fails_open(limiter)
+    await _assert_fails_open(limiter, observer)
 
 
-async def test_hung_redis_is_bounded_by_the_timeouts(
-    make_limiter: LimiterFactory, silent_redis_url: str
-) -> None:
-    # The shared client keeps redis-py's default retries; asyncio.timeout still bounds it.
-    client = Redis.from_url(silent_redis_url, socket_timeout=0.05, socket_connect_timeout=0.05)
-    limiter = RateLimiter(
-        redis=client,
-        redis_url=silent_redis_url,
-        key_prefix="unused:",
-        socket_timeout=0.05,
-        fallback_seconds=0,
-    )
+async def test_hung_redis_is_bounded_by_the_guard_timeout(silent_redis_url: str) -> None:
+    # A client with redis-py's default retries and socket timeouts far beyond the test: only
+    # the guard's asyncio.timeout (0.05 s) can bound a call.
+    client = Redis.from_url(silent_redis_url, socket_timeout=10, socket_connect_timeout=10)
+    observer = RedisEvents()
+    guard = RedisGuard(client, timeout=0.05, breaker=patient_breaker(), observer=observer)
+    limiter = RateLimiter(redis=guard, key_prefix="unused:")
     try:
-        await _assert_fails_open(limiter)
+        await _assert_fails_open(limiter, observer)
     finally:
         await limiter.aclose()
         await client.aclose()
 
 
-async def test_after_a_failure_redis_is_skipped_for_a_while(
-    make_limiter: LimiterFactory, silent_redis_url: str
+async def test_once_the_circuit_opens_redis_is_skipped_until_a_probe(
+    redis_url: str, redis_prefix: str, dead_redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    limiter = make_limiter(url=silent_redis_url, fallback_seconds=30)
-    await limiter.hit("query", "alice", "5/hour")
-    assert limiter.errors == 1
-    started = time.monotonic()
-    for _ in range(3):
-        await limiter.hit("query", "alice", "5/hour")
-        async with limiter.admit("query", "alice", PLENTY, 1):
-            pass
-    assert time.monotonic() - started < 0.05
-    assert limiter.errors == 1
+    """Five failed calls open the circuit (the app's breaker): from then on every admission is
+    answered in process without a single Redis command, even with Redis healthy again; once
+    the open period is over the next admission probes Redis, and two good probes close it."""
+    client = create_redis(make_settings(redis_url=redis_url))
+    dead = create_redis(make_settings(redis_url=dead_redis_url))
+    inspect = Redis.from_url(redis_url)
+    clock = FakeClock()
+    breaker = CircuitBreaker("redis", redis_breaker(5.0).config, clock=clock)
+    observer = RedisEvents()
+    guard = RedisGuard(client, timeout=0.5, breaker=breaker, observer=observer)
+    limiter = RateLimiter(redis=guard, key_prefix=redis_prefix)
 
+    # Every command the limiter sends, in order; while `down`, it goes to a dead port.
+    sent: list[str] = []
+    down = True
+    live: Callable[..., Awaitable[Any]] = client.execute_command
 
-async def test_limiter_opens_its_own_client_when_given_only_a_url(
-    redis_url: str, redis_prefix: str
-) -> None:
-    limiter = RateLimiter(
-        redis=None, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=1
-    )
+    async def switchable(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await (dead.execute_command if down else live)(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", switchable)
+
+    async def keys() -> list[bytes]:
+        return [key async for key in inspect.scan_iter(match=f"{redis_prefix}*")]
+
     try:
-        assert limiter.backend == "redis"
-        async with limiter.admit("query", "alice", PLENTY, 1):
-            with pytest.raises(RateLimitExceeded):
-                async with limiter.admit("query", "alice", PLENTY, 1):
-                    pass
-        assert (await limiter.hit("query", "alice", "2/hour")).remaining == 1
-        assert limiter.errors == 0
+        # Closed: each request tries Redis, fails, and is counted in process.
+        for tried in range(1, 6):
+            assert state_of(breaker) is BreakerState.CLOSED
+            state = await limiter.hit("query", "alice", "8/hour")
+            assert state.remaining == 8 - tried
+            assert sent == ["EVALSHA"] * tried
+        assert observer.errors == ["rate limit"] * 5
+        assert state_of(breaker) is BreakerState.OPEN  # at the 5th failure
+        assert observer.states == ["ok", "degraded"]
+
+        # Open: Redis is healthy again, and still nothing goes to it; the limits hold in
+        # process (the window, then the slots).
+        down = False
+        started = time.monotonic()
+        for left in (2, 1, 0):
+            assert (await limiter.hit("query", "alice", "8/hour")).remaining == left
+        with pytest.raises(RateLimitExceeded) as refused:
+            await limiter.hit("query", "alice", "8/hour")
+        assert refused.value.kind == "rate"
+        async with limiter.admit("query", "bob", PLENTY, 1):
+            with pytest.raises(RateLimitExceeded) as refused:
+                async with limiter.admit("query", "bob", PLENTY, 1):
+                    pytest.fail("a second slot was granted")
+            assert refused.value.kind == "concurrency"
+        assert time.monotonic() - started < 0.5
+        await asyncio.sleep(ratelimit._RELEASE_DELAY * 2)  # anything spawned has run
+        assert sent == ["EVALSHA"] * 5
+        assert observer.errors == ["rate limit"] * 5
+        assert await keys() == []
+        assert state_of(breaker) is BreakerState.OPEN
+
+        # The open period is over: the next admission is a probe and reaches Redis.
+        clock.now += 5.0
+        assert (await limiter.hit("query", "carol", "8/hour")).remaining == 7
+        assert len(sent) > 5
+        assert state_of(breaker) is BreakerState.HALF_OPEN
+        assert observer.states == ["ok", "degraded"]
+        assert (await limiter.hit("query", "carol", "8/hour")).remaining == 6
+        assert state_of(breaker) is BreakerState.CLOSED  # two good probes
+        assert observer.states == ["ok", "degraded", "ok"]
+        [window] = await keys()
+        assert await inspect.get(window) == b"2"  # both probes counted in Redis
+        assert observer.errors == ["rate limit"] * 5
     finally:
         await limiter.aclose()
+        for each in (client, dead, inspect):
+            await each.aclose()
 
 
 # --- headers -----------------------------------------------------------------------------

@@ -16,13 +16,11 @@ from typing import Any
 import anyio
 import limits
 import pytest
-from limits.aio.storage import RedisStorage
-from limits.aio.storage.redis.redispy import RedispyBridge
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.client import Pipeline
 
+from app.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.resilience.redis_guard import RedisGuard, create_redis, redis_breaker
 from app.security.ratelimit import (
     RateLimiter,
     RateLimitExceeded,
@@ -30,7 +28,8 @@ from app.security.ratelimit import (
     rate_limit_headers,
 )
 from tests.conftest import make_settings, running_app, wait_until
-from tests.redisserver import RedisServer
+from tests.support.fakes import FakeClock, RedisEvents
+from tests.support.redisserver import RedisServer
 
 PLENTY = "100000/hour"
 
@@ -40,8 +39,9 @@ def _digest(identity: str) -> str:
 
 
 def _window_key(prefix: str, rate: str, identity: str, scope: str = "query") -> str:
-    """The current window's counter, under `limits`' own name for it."""
-    return f"{prefix}rl:{{{limits.parse(rate).key_for(scope, _digest(identity))}}}"
+    """The current window's counter."""
+    seconds = limits.parse(rate).get_expiry()
+    return f"{prefix}rl:{scope}:{_digest(identity)}:{rate.split('/')[0]}/{seconds}s"
 
 
 def _slot_key(prefix: str, identity: str, scope: str = "query") -> str:
@@ -49,9 +49,23 @@ def _slot_key(prefix: str, identity: str, scope: str = "query") -> str:
 
 
 def _client(url: str) -> Redis:
-    """Like the app's shared client: no retries, short timeouts."""
-    return Redis.from_url(
-        url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    """The app's shared client (`create_redis`): no retries, bounded connects."""
+    return create_redis(make_settings(redis_url=url, redis_socket_timeout=0.5))
+
+
+def _guarded(
+    client: Redis,
+    observer: RedisEvents,
+    *,
+    timeout: float = 0.5,
+    breaker: CircuitBreaker | None = None,
+) -> RedisGuard:
+    """`client` under the app's failure policy (by default its breaker, open for 5 s)."""
+    return RedisGuard(
+        client,
+        timeout=timeout,
+        breaker=breaker if breaker is not None else redis_breaker(5.0),
+        observer=observer,
     )
 
 
@@ -72,10 +86,16 @@ async def shared(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def limiter(shared: Redis, redis_url: str, redis_prefix: str) -> AsyncIterator[RateLimiter]:
-    limiter = RateLimiter(
-        redis=shared, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.5
-    )
+def observer() -> RedisEvents:
+    """What the limiter's guard reports."""
+    return RedisEvents()
+
+
+@pytest.fixture
+async def limiter(
+    shared: Redis, redis_prefix: str, observer: RedisEvents
+) -> AsyncIterator[RateLimiter]:
+    limiter = RateLimiter(redis=_guarded(shared, observer), key_prefix=redis_prefix)
     yield limiter
     await limiter.aclose()
 
@@ -95,7 +115,7 @@ async def _sleep_until(moment: float) -> None:
 
 
 async def test_headers_across_a_window_boundary(
-    limiter: RateLimiter, redis: Redis, redis_prefix: str
+    limiter: RateLimiter, redis: Redis, redis_prefix: str, observer: RedisEvents
 ) -> None:
     """4 per 2 s window. The numbers are the sliding window counter's: after the boundary the
     previous window's 4 requests weigh 4 x (its remaining TTL / 2 s)."""
@@ -128,7 +148,7 @@ async def test_headers_across_a_window_boundary(
     await _sleep_until(started + 2.25)
     async with limiter.admit("query", "alice", rate, 10) as state:
         pass
-    assert await redis.get(f"{current}/-1") == "4"
+    assert await redis.get(f"{current}:previous") == "4"
     assert await redis.get(current) == "1"
     assert state.limit == 4
     assert state.remaining == 0
@@ -152,53 +172,55 @@ async def test_headers_across_a_window_boundary(
     async with limiter.admit("query", "alice", rate, 10) as state:
         assert state.remaining == 0
     assert await redis.get(current) == "2"
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
-async def test_the_window_is_the_one_limits_keeps(
-    limiter: RateLimiter, redis_url: str, redis_prefix: str
-) -> None:
-    """Same keys, same algorithm: replicas of the previous release (counting with `limits`)
-    and of this one share each bucket during a rolling deploy."""
-    storage = RedisStorage(redis_url, implementation="redispy", key_prefix=f"{redis_prefix}rl")
-    old = SlidingWindowCounterRateLimiter(storage)
-    item = limits.parse("5/minute")
-    digest = _digest("alice")
+async def test_redis_counts_as_the_in_process_fallback_does(limiter: RateLimiter) -> None:
+    """The script and the in-process limiter (what a replica uses while Redis fails) apply
+    the same window: the same remaining counts, then the same refusal."""
+    local = RateLimiter(redis=None, key_prefix="")
     try:
-        async with limiter.admit("query", "alice", "5/minute", 3) as state:
-            assert state.remaining == 4
-        assert await old.hit(item, "query", digest)
-        assert (await old.get_window_stats(item, "query", digest)).remaining == 3
-        assert (await limiter.hit("query", "alice", "5/minute")).remaining == 2
-        assert await old.hit(item, "query", digest)
-        stats = await old.get_window_stats(item, "query", digest)
-        state = await limiter.hit("query", "alice", "5/minute")
-        assert (stats.remaining, state.remaining) == (1, 0)
-        assert stats.reset_time - time.time() == pytest.approx(state.reset_after, abs=0.1)
-        assert not await old.hit(item, "query", digest)
-        with pytest.raises(RateLimitExceeded):
-            await limiter.hit("query", "alice", "5/minute")
+        seen: list[tuple[int, int]] = []
+        for _ in range(5):
+            in_redis = await limiter.hit("query", "alice", "5/minute")
+            in_process = await local.hit("query", "alice", "5/minute")
+            seen.append((in_redis.remaining, in_process.remaining))
+        assert seen == [(4, 4), (3, 3), (2, 2), (1, 1), (0, 0)]
+        for backend in (limiter, local):
+            with pytest.raises(RateLimitExceeded) as refused:
+                await backend.hit("query", "alice", "5/minute")
+            assert 0 < refused.value.retry_after <= 60
     finally:
-        bridge = storage.bridge
-        assert isinstance(bridge, RedispyBridge)
-        client: object = bridge.get_connection()
-        assert isinstance(client, Redis)
-        await client.aclose()
+        await local.aclose()
 
 
 # --- one script, two limits ----------------------------------------------------------------
 
 
 def _record_commands(client: Redis, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    """Every command `client` sends from now on (its arguments), in order."""
+    """Every command `client` sends from now on (its arguments), in order: one at a time,
+    and those of its pipelines (each pipeline is one round trip)."""
     sent: list[tuple[Any, ...]] = []
     execute: Callable[..., Awaitable[Any]] = client.execute_command
+    pipeline: Callable[..., Pipeline] = client.pipeline
 
     async def recording(*args: Any, **options: Any) -> Any:
         sent.append(args)
         return await execute(*args, **options)
 
+    def recording_pipeline(*args: Any, **options: Any) -> Pipeline:
+        pipe = pipeline(*args, **options)
+        execute_pipe = pipe.execute
+
+        async def recording_execute(raise_on_error: bool = True) -> list[Any]:
+            sent.extend(tuple(command) for command, _ in pipe.command_stack)
+            return await execute_pipe(raise_on_error)
+
+        monkeypatch.setattr(pipe, "execute", recording_execute)
+        return pipe
+
     monkeypatch.setattr(client, "execute_command", recording)
+    monkeypatch.setattr(client, "pipeline", recording_pipeline)
     return sent
 
 
@@ -207,6 +229,7 @@ async def test_one_round_trip_admits_and_the_release_is_not_awaited(
     shared: Redis,
     redis: Redis,
     redis_prefix: str,
+    observer: RedisEvents,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await limiter.hit("query", "warm-up", PLENTY)  # the script is in Redis' cache
@@ -229,7 +252,7 @@ async def test_one_round_trip_admits_and_the_release_is_not_awaited(
 
     assert (await limiter.hit("query", "alice", "10/minute")).remaining == 8
     assert sent() == ["EVALSHA", "ZREM", "EVALSHA"]
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 async def test_releases_made_together_share_one_zrem(
@@ -237,6 +260,7 @@ async def test_releases_made_together_share_one_zrem(
     shared: Redis,
     redis: Redis,
     redis_prefix: str,
+    observer: RedisEvents,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await limiter.hit("query", "warm-up", PLENTY)
@@ -260,10 +284,12 @@ async def test_releases_made_together_share_one_zrem(
     zrems = [args for args in sent if args[0] == "ZREM"]
     assert len(zrems) == 1
     assert len(zrems[0]) == 2 + 5  # ZREM key token x5
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
-async def test_each_client_of_a_burst_finds_its_slot_free(limiter: RateLimiter) -> None:
+async def test_each_client_of_a_burst_finds_its_slot_free(
+    limiter: RateLimiter, observer: RedisEvents
+) -> None:
     """Thirty clients at their limit leave at once and come straight back: each one's next
     admission carries its own release, so every one finds its slot free."""
     await limiter.hit("query", "warm-up", PLENTY)
@@ -291,7 +317,7 @@ async def test_each_client_of_a_burst_finds_its_slot_free(limiter: RateLimiter) 
 
     admitted = await asyncio.gather(*(follow_up(name) for name in names))
     assert all(admitted), f"{admitted.count(False)} of {len(names)} found their slot held"
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 async def test_a_rate_refusal_takes_no_slot(
@@ -350,7 +376,7 @@ async def test_an_admission_is_entered_once_and_left_once(
     limiter: RateLimiter, redis: Redis, redis_prefix: str, memory: bool
 ) -> None:
     if memory:
-        limiter = RateLimiter(redis=None, redis_url=None, key_prefix=redis_prefix, socket_timeout=1)
+        limiter = RateLimiter(redis=None, key_prefix=redis_prefix)
     async with limiter.admit("query", "alice", PLENTY, 2):  # another request's slot
         admission = limiter.admit("query", "alice", PLENTY, 2)
         async with admission:
@@ -372,7 +398,7 @@ async def test_an_admission_is_entered_once_and_left_once(
 
 
 async def test_slot_released_when_the_request_is_cancelled(
-    limiter: RateLimiter, redis: Redis, redis_prefix: str
+    limiter: RateLimiter, redis: Redis, redis_prefix: str, observer: RedisEvents
 ) -> None:
     slot = _slot_key(redis_prefix, "alice")
     entered = asyncio.Event()
@@ -399,7 +425,7 @@ async def test_slot_released_when_the_request_is_cancelled(
     assert scope.cancelled_caught
     await _until_zcard(redis, slot, 0)
 
-    assert limiter.errors == 0
+    assert observer.errors == []
 
 
 def _late_replies(shared: Redis, monkeypatch: pytest.MonkeyPatch, delay: float) -> asyncio.Event:
@@ -423,6 +449,7 @@ async def test_cancelled_while_the_script_replies_drops_the_slot(
     shared: Redis,
     redis: Redis,
     redis_prefix: str,
+    observer: RedisEvents,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     slot = _slot_key(redis_prefix, "alice")
@@ -434,29 +461,31 @@ async def test_cancelled_while_the_script_replies_drops_the_slot(
     with pytest.raises(asyncio.CancelledError):
         await entering
     await _until_zcard(redis, slot, 0)
-    assert limiter.errors == 0
+    assert observer.errors == []  # a cancellation is not a Redis failure
 
 
 async def test_a_reply_past_the_deadline_falls_back_and_drops_the_slot(
     redis_url: str, redis_prefix: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = _client(redis_url)
-    limiter = RateLimiter(
-        redis=client, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.05
-    )
+    observer = RedisEvents()
+    limiter = RateLimiter(redis=_guarded(client, observer, timeout=0.05), key_prefix=redis_prefix)
     slot = _slot_key(redis_prefix, "alice")
     try:
         _late_replies(client, monkeypatch, 1.0)
         started = time.monotonic()
         async with limiter.admit("query", "alice", "5/hour", 1) as state:
-            assert time.monotonic() - started < 0.5  # 3 x 0.05 + 0.05 s
-            assert limiter.errors == 1
+            assert time.monotonic() - started < 0.5  # the guard's 0.05 s, not the 1 s reply
+            assert observer.errors == ["rate limit"]
             assert state.remaining == 4  # counted in process
             await _until_zcard(redis, slot, 0)  # the slot the script took is dropped
             with pytest.raises(RateLimitExceeded) as refused:  # the in-process slot is held
                 async with limiter.admit("query", "alice", "5/hour", 1):
                     pytest.fail("a second slot was granted")
             assert refused.value.kind == "concurrency"
+        await _until_zcard(redis, slot, 0)  # the second script's slot is dropped too
+        # Each admission's script timed out once; the ZREMs that dropped the slots went through.
+        assert observer.errors == ["rate limit", "rate limit"]
     finally:
         await limiter.aclose()
         await client.aclose()
@@ -464,15 +493,15 @@ async def test_a_reply_past_the_deadline_falls_back_and_drops_the_slot(
 
 async def test_aclose_finishes_pending_releases(redis_url: str, redis_prefix: str) -> None:
     client = _client(redis_url)
-    limiter = RateLimiter(
-        redis=client, redis_url=redis_url, key_prefix=redis_prefix, socket_timeout=0.5
-    )
+    observer = RedisEvents()
+    limiter = RateLimiter(redis=_guarded(client, observer), key_prefix=redis_prefix)
     slot = _slot_key(redis_prefix, "alice")
     try:
         async with limiter.admit("query", "alice", PLENTY, 3):
             pass
         await limiter.aclose()  # right away: the ZREM has not run yet
         assert await client.zcard(slot) == 0
+        assert observer.errors == []
     finally:
         await client.aclose()
 
@@ -486,23 +515,42 @@ def _dead_url() -> str:
         return f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
 
 
+def state_of(breaker: CircuitBreaker) -> BreakerState:
+    """The breaker's state, read afresh (a call, so mypy does not narrow it across awaits)."""
+    return breaker.state
+
+
+def _patient_breaker() -> CircuitBreaker:
+    """A breaker that never opens within a test (100 calls before any rate is computed)."""
+    return CircuitBreaker(
+        "redis", BreakerConfig(sliding_window_size=100, minimum_number_of_calls=100)
+    )
+
+
 async def test_warnings_are_rate_limited_while_redis_is_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Every failure is reported (a metric), the log gets one warning: the breaker stays
+    closed here, so each of the 4 requests tries Redis and fails."""
     url = _dead_url()
     client = _client(url)
-    limiter = RateLimiter(
-        redis=client, redis_url=url, key_prefix="unused:", socket_timeout=0.1, fallback_seconds=0
-    )
+    observer = RedisEvents()
+    guard = _guarded(client, observer, breaker=_patient_breaker())
+    limiter = RateLimiter(redis=guard, key_prefix="unused:")
     try:
-        with caplog.at_level(logging.WARNING, logger="app.security.ratelimit"):
+        with caplog.at_level(logging.WARNING):
             for _ in range(4):
                 async with limiter.admit("query", "alice", "10/hour", 1):
                     pass
-        assert limiter.errors == 4
-        warnings = [r for r in caplog.records if r.name == "app.security.ratelimit"]
-        assert len(warnings) == 1
-        assert "using in-process limits" in warnings[0].getMessage()
+            await limiter.aclose()  # the token removals the failed admissions spawned
+        # Each admission's script, and the removal of the token it may have left.
+        assert observer.errors.count("rate limit") == 4
+        assert observer.errors.count("concurrency release") == 4
+        assert len(observer.errors) == 8
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert warnings[0].name == "app.resilience.redis_guard"
+        assert warnings[0].getMessage().startswith("redis rate limit failed")
     finally:
         await limiter.aclose()
         await client.aclose()
@@ -511,24 +559,23 @@ async def test_warnings_are_rate_limited_while_redis_is_down(
 async def test_an_outage_falls_back_in_process_and_redis_comes_back() -> None:
     with RedisServer() as server:
         client = _client(server.url)
-        limiter = RateLimiter(
-            redis=client,
-            redis_url=server.url,
-            key_prefix="t:",
-            socket_timeout=0.2,
-            fallback_seconds=0.3,
-        )
+        observer = RedisEvents()
+        clock = FakeClock()
+        breaker = CircuitBreaker("redis", redis_breaker(5.0).config, clock=clock)
+        guard = _guarded(client, observer, timeout=0.2, breaker=breaker)
+        limiter = RateLimiter(redis=guard, key_prefix="t:")
         try:
             async with limiter.admit("query", "alice", "3/hour", 1) as state:
                 assert state.remaining == 2
             async with Redis.from_url(server.url) as probe:
                 await _until_zcard(probe, _slot_key("t:", "alice"), 0)
+            assert observer.errors == []
 
             server.stop()
             # In process from the first failure on: a window and slots of this replica's own.
             async with limiter.admit("query", "alice", "3/hour", 1) as state:
                 assert state.remaining == 2
-            assert limiter.errors == 1
+            assert observer.errors[0] == "rate limit"
             async with limiter.admit("query", "alice", "3/hour", 1) as state:
                 assert state.remaining == 1
                 with pytest.raises(RateLimitExceeded) as refused:
@@ -541,21 +588,39 @@ async def test_an_outage_falls_back_in_process_and_redis_comes_back() -> None:
                 async with limiter.admit("query", "alice", "3/hour", 1):
                     pytest.fail("over the rate")
             assert refused.value.kind == "rate"
-            assert limiter.errors == 1  # Redis left alone for fallback_seconds
+            # Those failures (the scripts, and the token removals they spawned) opened the
+            # circuit: half of the calls in its window (the two good ones before included).
+            assert state_of(guard.breaker) is BreakerState.OPEN
+            assert observer.states == ["ok", "degraded"]
+            assert set(observer.errors) <= {"rate limit", "concurrency release"}
+
+            # Open: Redis is left alone (a call would fail, and be reported). Calls that began
+            # before it opened may still end (each within the guard's 0.2 s): wait for them.
+            await asyncio.sleep(0.5)
+            errors = len(observer.errors)
+            assert (await limiter.hit("query", "carol", "3/hour")).remaining == 2
+            async with limiter.admit("query", "carol", "3/hour", 1) as state:
+                assert state.remaining == 1
+            await asyncio.sleep(0.25)  # what the skipped admission spawned has run
+            assert len(observer.errors) == errors
+            assert state_of(guard.breaker) is BreakerState.OPEN
 
             server.start()  # empty: no keys, no scripts (EVALSHA gets NOSCRIPT once)
-            deadline = time.monotonic() + 5
-            while True:
-                await asyncio.sleep(0.35)
-                errors = limiter.errors
+            async with limiter.admit("query", "bob", "3/hour", 1):
+                pass  # still within the open period: in process
+            assert state_of(guard.breaker) is BreakerState.OPEN
+            # Once the open period is over, the next admissions probe Redis: two good probes
+            # close the circuit, and both are counted in Redis (the first one was not).
+            clock.now += 5.0
+            for _ in range(2):
                 async with limiter.admit("query", "bob", "3/hour", 1):
                     pass
-                if limiter.errors == errors:
-                    break
-                assert time.monotonic() < deadline, "Redis was not used again"
+            assert state_of(guard.breaker) is BreakerState.CLOSED
+            assert observer.states == ["ok", "degraded", "ok"]
             async with Redis.from_url(server.url, decode_responses=True) as probe:
-                assert await probe.get(_window_key("t:", "3/hour", "bob")) == "1"
+                assert await probe.get(_window_key("t:", "3/hour", "bob")) == "2"
                 await _until_zcard(probe, _slot_key("t:", "bob"), 0)
+            assert len(observer.errors) == errors
         finally:
             await limiter.aclose()
             await client.aclose()
@@ -640,4 +705,8 @@ async def test_query_limits_in_process_when_redis_is_down(
         assert limited.json()["error"]["code"] == "rate_limited"
         assert 1 <= int(limited.headers["retry-after"]) <= 60
         assert limited.headers["ratelimit-limit"] == "2"
-        assert app.state.runtime.limiter.errors >= 1
+        # Each request tried Redis once, and failed (the breaker needs 5 failures to open).
+        failed = app.state.metrics.registry.get_sample_value(
+            "agentserve_redis_errors_total", {"operation": "rate limit"}
+        )
+        assert failed == 3

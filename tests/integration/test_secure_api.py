@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,17 +17,12 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.security.jwt import mint_token
 from tests.conftest import make_settings, running_app
-from tests.redisserver import RedisServer
+from tests.support.processes import unused_port
+from tests.support.redisserver import RedisServer
 
 pytestmark = pytest.mark.integration
 
 SECRET = "integration-test-secret-0123456789-abcdefgh"
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -238,7 +232,7 @@ async def test_delete_erases_the_session_and_its_cache_entries(redis_app: Any) -
 
 
 async def test_redis_down_never_fails_a_request(sqlite_url: str, redis_prefix: str) -> None:
-    url = f"redis://127.0.0.1:{dead_port()}/0"
+    url = f"redis://127.0.0.1:{unused_port()}/0"
     async with app_with(sqlite_url, url, redis_prefix) as (_, client):
         for i in range(12):
             started = time.perf_counter()
@@ -252,14 +246,14 @@ async def test_redis_down_never_fails_a_request(sqlite_url: str, redis_prefix: s
         assert ready.status_code == 200
         assert ready.json()["checks"]["cache"]["status"] == "degraded"
         metrics = (await client.get("/metrics")).text
-        assert "agentserve_cache_degraded 1.0" in metrics
-        assert "agentserve_cache_errors_total" in metrics
+        assert "agentserve_redis_degraded 1.0" in metrics
+        assert "agentserve_redis_errors_total" in metrics
 
 
 async def test_caching_resumes_after_a_redis_restart(sqlite_url: str, redis_prefix: str) -> None:
     with RedisServer() as server:
         settings = settings_for(
-            sqlite_url, server.url, redis_prefix, cache_breaker_open_seconds=0.3
+            sqlite_url, server.url, redis_prefix, redis_breaker_open_seconds=0.3
         )
         async with running_app(settings) as (_, client):
             body = {"message": "survive an outage"}

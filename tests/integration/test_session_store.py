@@ -1,23 +1,38 @@
-"""SessionStore on SQLite and Postgres: atomic turns, bounded history, no interleaving."""
+"""The turn repository on SQLite and Postgres (each database's own implementation): atomic
+turns, bounded history, no interleaving."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from app.storage.sessions import SessionBusyError, SessionStore, StoredMessage, Turn
+from app.domain import StoredMessage, Turn
+from app.errors import SessionBusyError
+from app.storage import SqlTurnRepository, open_repository
+from app.storage.turns import is_unavailable
+from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
 
 
+Repositories = Callable[[int], SqlTurnRepository]
+
+
 @pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database_url)
-    yield engine
-    await engine.dispose()
+async def repositories(database_url: str) -> AsyncIterator[Repositories]:
+    """`repositories(history_limit)`: the database's repository, closed after the test."""
+    opened: list[SqlTurnRepository] = []
+
+    def make(history_limit: int) -> SqlTurnRepository:
+        settings = make_settings(database_url=database_url, history_max_messages=history_limit)
+        opened.append(open_repository(settings))
+        return opened[-1]
+
+    yield make
+    for repository in opened:
+        await repository.aclose()
 
 
 def turn(
@@ -39,8 +54,8 @@ def turn(
     )
 
 
-async def test_history_is_bounded_and_starts_at_a_user_message(engine: AsyncEngine) -> None:
-    store = SessionStore(engine, history_limit=5)
+async def test_history_is_bounded_and_starts_at_a_user_message(repositories: Repositories) -> None:
+    store = repositories(5)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     count = 2
@@ -55,30 +70,30 @@ async def test_history_is_bounded_and_starts_at_a_user_message(engine: AsyncEngi
     assert record.history[0]["role"] == "user"
 
 
-async def test_a_stale_turn_is_refused_and_writes_nothing(engine: AsyncEngine) -> None:
-    store = SessionStore(engine, history_limit=50)
+async def test_a_stale_turn_is_refused_and_writes_nothing(repositories: Repositories) -> None:
+    store = repositories(50)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     await store.save_turn(turn(sid, 2, "q1", "a1"))
     with pytest.raises(SessionBusyError):
         await store.save_turn(turn(sid, 2, "late", "late answer"))
-    assert await store.count_messages(sid) == 4
+    assert len(await store.messages(sid, limit=1000, offset=0)) == 4
     record = await store.load(sid)
     assert record is not None
     assert [m["content"] for m in record.history] == ["q0", "a0", "q1", "a1"]
 
 
-async def test_a_new_session_with_a_taken_id_is_refused(engine: AsyncEngine) -> None:
-    store = SessionStore(engine, history_limit=50)
+async def test_a_new_session_with_a_taken_id_is_refused(repositories: Repositories) -> None:
+    store = repositories(50)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     with pytest.raises(SessionBusyError):
         await store.save_turn(turn(sid, 0, "other", "other", is_new=True))
-    assert await store.count_messages(sid) == 2
+    assert len(await store.messages(sid, limit=1000, offset=0)) == 2
 
 
-async def test_tool_messages_round_trip(engine: AsyncEngine) -> None:
-    store = SessionStore(engine, history_limit=50)
+async def test_tool_messages_round_trip(repositories: Repositories) -> None:
+    store = repositories(50)
     sid = uuid.uuid4()
     call = {
         "id": "call_1",
@@ -114,18 +129,18 @@ async def test_tool_messages_round_trip(engine: AsyncEngine) -> None:
     ]
 
 
-async def test_delete_removes_session_and_messages(engine: AsyncEngine) -> None:
-    store = SessionStore(engine, history_limit=50)
+async def test_delete_removes_session_and_messages(repositories: Repositories) -> None:
+    store = repositories(50)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     assert await store.delete(sid) is True
     assert await store.load(sid) is None
-    assert await store.count_messages(sid) == 0
+    assert len(await store.messages(sid, limit=1000, offset=0)) == 0
     assert await store.delete(sid) is False
 
 
-async def test_history_digest_names_the_whole_conversation(engine: AsyncEngine) -> None:
-    store = SessionStore(engine, history_limit=2)
+async def test_history_digest_names_the_whole_conversation(repositories: Repositories) -> None:
+    store = repositories(2)
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for sid, first in ((a, "same"), (b, "same"), (c, "different")):
         await store.save_turn(turn(sid, 0, first, "answer", is_new=True))
@@ -145,9 +160,9 @@ async def test_history_digest_names_the_whole_conversation(engine: AsyncEngine) 
     assert rb2.history_digest != rc2.history_digest
 
 
-async def test_what_a_model_may_send_is_stored(engine: AsyncEngine) -> None:
+async def test_what_a_model_may_send_is_stored(repositories: Repositories) -> None:
     """Tool names and ids of any length, and NUL characters, never fail the write."""
-    store = SessionStore(engine, history_limit=50)
+    store = repositories(50)
     sid = uuid.uuid4()
     name = "n" * 300
     call_id = "c" * 300
@@ -192,7 +207,5 @@ def test_server_side_refusals_count_as_unavailable(sqlstate: str, unavailable: b
     """too many connections / starting up / connection failure: the server, not the data."""
     import sqlalchemy.exc
 
-    from app.storage.sessions import _server_side_unavailable
-
     error = sqlalchemy.exc.DBAPIError("SELECT 1", None, _FakePgError(sqlstate))
-    assert _server_side_unavailable(error) is unavailable
+    assert is_unavailable(error) is unavailable

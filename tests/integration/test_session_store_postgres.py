@@ -1,8 +1,8 @@
-"""SessionStore's asyncpg fast path (app/storage/postgres_turns.py) against a real Postgres.
+"""PostgresTurnRepository (app/storage/postgres.py) against a real Postgres.
 
-Rows it writes read back identically through SQLAlchemy Core and the other way round;
-stale and concurrent turns are SessionBusyError; a connection the server dropped fails one
-call as DatabaseUnavailableError (503) and is not handed out again.
+Rows it writes read back identically through SqlTurnRepository (Core) and the other way
+round; stale and concurrent turns are SessionBusyError; a connection the server dropped fails
+one call as DatabaseUnavailableError (503) and is not handed out again.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import asyncpg
@@ -21,15 +21,11 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from app.storage.postgres_turns import _in_seq_order, _is_unavailable
-from app.storage.sessions import (
-    DatabaseUnavailableError,
-    SessionBusyError,
-    SessionRecord,
-    SessionStore,
-    StoredMessage,
-    Turn,
-)
+from app.domain import MessageRecord, SessionRecord, StoredMessage, Turn
+from app.errors import DatabaseUnavailableError, SessionBusyError
+from app.storage.postgres import PostgresTurnRepository, in_seq_order
+from app.storage.sql import SqlTurnRepository
+from app.storage.turns import is_unavailable
 from tests.conftest import POSTGRES_ADMIN_URL, make_settings, running_app
 
 pytestmark = pytest.mark.integration
@@ -52,12 +48,10 @@ async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-def stores(engine: AsyncEngine) -> tuple[SessionStore, SessionStore]:
-    """(fast path, SQLAlchemy Core) over the same engine and pool."""
-    fast = SessionStore(engine, history_limit=50)
-    core = SessionStore(engine, history_limit=50, asyncpg_fast_path=False)
-    assert fast._postgres is not None
-    assert core._postgres is None
+def stores(engine: AsyncEngine) -> tuple[PostgresTurnRepository, SqlTurnRepository]:
+    """(Postgres' own statements, SQLAlchemy Core) over the same engine and pool."""
+    fast = PostgresTurnRepository(engine, history_limit=50)
+    core = SqlTurnRepository(engine, history_limit=50)
     return fast, core
 
 
@@ -139,8 +133,8 @@ async def stored_json(engine: AsyncEngine, session_id: uuid.UUID) -> tuple[str, 
     return str(metadata), [tuple(row) for row in rows]
 
 
-def without_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "created_at"} for row in rows]
+def without_times(rows: list[MessageRecord]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in asdict(row).items() if k != "created_at"} for row in rows]
 
 
 async def test_each_path_reads_what_the_other_wrote(engine: AsyncEngine) -> None:
@@ -199,16 +193,20 @@ async def test_each_path_reads_what_the_other_wrote(engine: AsyncEngine) -> None
     fast_rows = await core.messages(by_fast, limit=100, offset=0)
     core_rows = await core.messages(by_core, limit=100, offset=0)
     assert without_times(fast_rows) == without_times(core_rows)
-    assert [r["prompt_tokens"] for r in fast_rows] == [0, 11, 0, 30, 0, 1]
-    assert [r["request_id"] for r in fast_rows] == ["req-ü"] * 4 + ["req-2"] * 2
-    assert [r["seq"] for r in fast_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r.prompt_tokens for r in fast_rows] == [0, 11, 0, 30, 0, 1]
+    assert [r.request_id for r in fast_rows] == ["req-ü"] * 4 + ["req-2"] * 2
+    assert [r.seq for r in fast_rows] == [1, 2, 3, 4, 5, 6]
     # one turn, one timestamp, as Core writes it
-    assert len({r["created_at"] for r in fast_rows[:4]}) == 1
+    assert len({r.created_at for r in fast_rows[:4]}) == 1
     listed = {
-        row["id"]: row for row in await core.list_sessions("alice@example.com", limit=10, offset=0)
+        row.id: row for row in await core.list_sessions("alice@example.com", limit=10, offset=0)
     }
-    assert listed[by_fast]["metadata"] == listed[by_core]["metadata"] == METADATA
-    assert await fast.count_messages(by_fast) == await core.count_messages(by_core) == 6
+    assert listed[by_fast].metadata == listed[by_core].metadata == METADATA
+    assert (
+        len(await fast.messages(by_fast, limit=1000, offset=0))
+        == len(await core.messages(by_core, limit=1000, offset=0))
+        == 6
+    )
 
     # Postgres holds the same JSON values (None as JSON null, as SQLAlchemy's JSON type
     # stores it); only the spelling differs: orjson is compact, json.dumps is not
@@ -283,8 +281,8 @@ async def test_both_paths_read_a_session_without_messages_and_null_columns_alike
 async def test_the_window_is_the_last_messages_starting_at_a_user_message(
     engine: AsyncEngine,
 ) -> None:
-    fast = SessionStore(engine, history_limit=3)
-    core = SessionStore(engine, history_limit=3, asyncpg_fast_path=False)
+    fast = PostgresTurnRepository(engine, history_limit=3)
+    core = SqlTurnRepository(engine, history_limit=3)
     sid = uuid.uuid4()
     await fast.save_turn(new_turn(sid, "q0", "a0", "q1", "a1"))
     record = await fast.load(sid)
@@ -305,8 +303,8 @@ async def test_the_window_comes_back_in_seq_order_whatever_order_the_server_read
         connect_args={"server_settings": {"enable_indexscan": "off", "enable_bitmapscan": "off"}},
     )
     try:
-        fast = SessionStore(engine, history_limit=6)
-        core = SessionStore(engine, history_limit=6, asyncpg_fast_path=False)
+        fast = PostgresTurnRepository(engine, history_limit=6)
+        core = SqlTurnRepository(engine, history_limit=6)
         sid = uuid.uuid4()
         texts = [f"{'q' if i % 2 == 0 else 'a'}{i // 2}" for i in range(10)]
         await fast.save_turn(new_turn(sid, *texts))
@@ -333,9 +331,9 @@ async def test_the_window_comes_back_in_seq_order_whatever_order_the_server_read
 def test_in_seq_order_reorders_every_column_alike() -> None:
     seqs = [7, 5, 8, 6]
     columns: list[list[Any]] = [["g", "e", "h", "f"], [70, 50, 80, 60]]
-    assert _in_seq_order(seqs, columns) == [["e", "f", "g", "h"], [50, 60, 70, 80]]
+    assert in_seq_order(seqs, columns) == [["e", "f", "g", "h"], [50, 60, 70, 80]]
     in_order: list[list[Any]] = [["e", "f"], [50, 60]]
-    assert _in_seq_order([5, 6], in_order) is in_order  # nothing copied when in order
+    assert in_seq_order([5, 6], in_order) is in_order  # nothing copied when in order
 
 
 async def test_a_stale_turn_is_busy_and_writes_nothing(engine: AsyncEngine) -> None:
@@ -353,7 +351,7 @@ async def test_a_stale_turn_is_busy_and_writes_nothing(engine: AsyncEngine) -> N
     assert after is not None
     assert after.message_count == 4
     assert [m["content"] for m in after.history] == ["q0", "a0", "q1", "a1"]
-    assert await fast.count_messages(sid) == 4
+    assert len(await fast.messages(sid, limit=1000, offset=0)) == 4
 
 
 async def test_concurrent_writers_of_one_turn_leave_exactly_one(engine: AsyncEngine) -> None:
@@ -374,7 +372,7 @@ async def test_concurrent_writers_of_one_turn_leave_exactly_one(engine: AsyncEng
     assert after is not None
     assert after.message_count == 4
     assert [m["content"] for m in after.history][2:] == [f"q-{winners[0]}", f"a-{winners[0]}"]
-    assert await core.count_messages(sid) == 4
+    assert len(await core.messages(sid, limit=1000, offset=0)) == 4
 
 
 async def test_concurrent_new_sessions_with_one_id_leave_exactly_one(engine: AsyncEngine) -> None:
@@ -386,7 +384,7 @@ async def test_concurrent_new_sessions_with_one_id_leave_exactly_one(engine: Asy
     )
     assert sum(result is None for result in results) == 1, results
     assert all(isinstance(r, SessionBusyError) for r in results if r is not None), results
-    assert await fast.count_messages(sid) == 2
+    assert len(await fast.messages(sid, limit=1000, offset=0)) == 2
 
 
 async def test_a_concurrent_writer_that_took_the_seq_numbers_is_busy(engine: AsyncEngine) -> None:
@@ -406,7 +404,7 @@ async def test_a_concurrent_writer_that_took_the_seq_numbers_is_busy(engine: Asy
     assert record is not None
     with pytest.raises(SessionBusyError) as caught:
         await fast.save_turn(follow_up(record, "q1", "a1"))
-    assert isinstance(caught.value.__cause__, asyncpg.UniqueViolationError)
+    assert isinstance(caught.value.__cause__, sqlalchemy.exc.IntegrityError)
     after = await fast.load(sid, with_history=False)
     assert after is not None
     assert after.message_count == 2  # the session row's update was undone with the rest
@@ -455,10 +453,10 @@ async def terminate(pids: list[int]) -> None:
 
 async def saved_session_on_one_connection(
     engine: AsyncEngine,
-) -> tuple[SessionStore, uuid.UUID, SessionRecord, int]:
+) -> tuple[PostgresTurnRepository, uuid.UUID, SessionRecord, int]:
     """A store on a one-connection pool holding one saved session, loaded once: the store,
     the session's id and record, and the pid of the pool's backend."""
-    store = SessionStore(engine, history_limit=50)
+    store = PostgresTurnRepository(engine, history_limit=50)
     sid = uuid.uuid4()
     await store.save_turn(new_turn(sid, "q0", "a0"))
     record = await store.load(sid)
@@ -501,7 +499,7 @@ async def test_after_a_restart_one_call_fails_not_one_per_pooled_connection(
     pool's older connections too, as SQLAlchemy does on a disconnect."""
     engine = create_async_engine(postgres_url, pool_size=3, max_overflow=0)
     try:
-        store = SessionStore(engine, history_limit=50)
+        store = PostgresTurnRepository(engine, history_limit=50)
         sid = uuid.uuid4()
         await store.save_turn(new_turn(sid, "q0", "a0"))
         old = await backend_pids(engine, 3)
@@ -550,7 +548,7 @@ async def test_a_cancelled_turn_closes_its_connection_and_writes_nothing(
 async def test_no_pooled_connection_in_time_is_unavailable(postgres_url: str) -> None:
     engine = create_async_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     try:
-        store = SessionStore(engine, history_limit=50)
+        store = PostgresTurnRepository(engine, history_limit=50)
         sid = uuid.uuid4()
         await store.save_turn(new_turn(sid, "q0", "a0"))
         async with engine.connect() as held:
@@ -571,8 +569,7 @@ async def test_a_refused_connection_is_unavailable() -> None:
         port = sock.getsockname()[1]
     engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/nothing")
     try:
-        store = SessionStore(engine, history_limit=50)
-        assert store._postgres is not None
+        store = PostgresTurnRepository(engine, history_limit=50)
         with pytest.raises(DatabaseUnavailableError):
             await store.load(uuid.uuid4())
         with pytest.raises(DatabaseUnavailableError):
@@ -617,29 +614,24 @@ async def test_what_the_server_says_when_connecting_is_classified(
         await engine.dispose()
 
 
-async def test_statement_listeners_keep_turns_on_sqlalchemy(engine: AsyncEngine) -> None:
-    """OpenTelemetry's SQLAlchemy instrumentation listens to statements: while a listener
-    is there, turns go through Core so that it sees them."""
+async def test_turn_statements_go_through_sqlalchemy(engine: AsyncEngine) -> None:
+    """Both hot statements run through SQLAlchemy's engine, so its statement events (what
+    OpenTelemetry's SQLAlchemy instrumentation listens to) see every turn."""
     seen: list[str] = []
 
     def listener(*args: Any) -> None:
         seen.append(str(args[2]))
 
-    store = SessionStore(engine, history_limit=50)
+    store = PostgresTurnRepository(engine, history_limit=50)
     event.listen(engine.sync_engine, "before_cursor_execute", listener)
     try:
-        observed = uuid.uuid4()
-        await store.save_turn(new_turn(observed, "q", "a"))
-        assert await store.load(observed) is not None
+        sid = uuid.uuid4()
+        await store.save_turn(new_turn(sid, "q", "a"))
+        assert await store.load(sid) is not None
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", listener)
-    assert any(s.startswith("INSERT INTO sessions") for s in seen), seen
-    assert any(s.startswith("SELECT") for s in seen), seen
-    count = len(seen)
-    unobserved = uuid.uuid4()
-    await store.save_turn(new_turn(unobserved, "q", "a"))
-    assert await store.load(unobserved) is not None
-    assert len(seen) == count
+    assert any("INSERT INTO sessions" in statement for statement in seen), seen
+    assert any(statement.startswith("SELECT") for statement in seen), seen
 
 
 @pytest.mark.parametrize(
@@ -649,7 +641,7 @@ async def test_statement_listeners_keep_turns_on_sqlalchemy(engine: AsyncEngine)
         (asyncpg.exceptions.CannotConnectNowError("starting up"), True),  # 57P03
         (asyncpg.exceptions.AdminShutdownError("terminated"), True),  # 57P01
         (asyncpg.exceptions.ConnectionDoesNotExistError("gone"), True),  # 08003
-        (asyncpg.exceptions.InterfaceError("connection is closed"), True),
+        (sqlalchemy.exc.InterfaceError("SELECT 1", None, Exception("connection is closed")), True),
         (ConnectionResetError("reset"), True),
         (TimeoutError(), True),
         (sqlalchemy.exc.TimeoutError("QueuePool limit"), True),
@@ -659,7 +651,7 @@ async def test_statement_listeners_keep_turns_on_sqlalchemy(engine: AsyncEngine)
     ],
 )
 def test_what_counts_as_the_server_being_unavailable(error: Exception, unavailable: bool) -> None:
-    assert _is_unavailable(error) is unavailable
+    assert is_unavailable(error) is unavailable
 
 
 async def test_api_answers_503_for_a_killed_connection_then_recovers(postgres_url: str) -> None:
@@ -668,7 +660,7 @@ async def test_api_answers_503_for_a_killed_connection_then_recovers(postgres_ur
         first = await client.post("/query", json={"message": "hello"})
         assert first.status_code == 200, first.text
         sid = first.json()["session_id"]
-        engine: AsyncEngine = app.state.runtime.engine
+        engine: AsyncEngine = app.state.runtime.turns.engine
         await terminate(await backend_pids(engine, 1))
         failed = await client.post("/query", json={"message": "still there?", "session_id": sid})
         assert failed.status_code == 503, failed.text
@@ -678,6 +670,6 @@ async def test_api_answers_503_for_a_killed_connection_then_recovers(postgres_ur
         assert again.status_code == 200, again.text
         assert again.json()["session_id"] == sid
     async with running_app(settings) as (app, _):
-        record = await app.state.runtime.store.load(uuid.UUID(sid))
+        record = await app.state.runtime.turns.load(uuid.UUID(sid))
     assert record is not None
     assert record.message_count == 4

@@ -32,7 +32,7 @@ from app.config import Settings
 from app.main import create_app
 from app.observability.tracing import TracerScope
 from tests.conftest import make_settings
-from tests.simserver import running_simulator
+from tests.support.simserver import running_simulator
 
 pytestmark = pytest.mark.integration
 
@@ -165,11 +165,12 @@ async def test_one_query_yields_the_span_tree(
     assert attrs(tool)["tool.is_error"] is False
     assert attrs(tool)["tool.duration_ms"] >= 0
 
-    # The save transaction's statements (SQLAlchemy) and the cache and limits (Redis),
+    # The turn's statements (SQLAlchemy, on either repository) and the cache and limits (Redis),
     # all inside the server span.
     system = "sqlite" if database_url.startswith("sqlite") else "postgresql"
     sql = [span for span in tree.spans if attrs(span).get("db.system") == system]
-    assert any(span.name.startswith("INSERT") for span in sql), [s.name for s in sql]
+    statements = [str(attrs(span).get("db.statement", "")) for span in sql]
+    assert any("INSERT INTO messages" in statement for statement in statements), statements
     redis = [span for span in tree.spans if attrs(span).get("db.system") == "redis"]
     assert redis
     for span in [*sql, *redis]:

@@ -22,7 +22,6 @@ from email.utils import format_datetime
 from typing import Any
 
 import aiohttp
-import httpcore
 import httpx
 import orjson
 import pytest
@@ -34,10 +33,10 @@ from opentelemetry.trace import SpanKind
 
 from app.config import Settings, UpstreamConfig
 from app.llm.openai_compat import OpenAICompatibleModel, build_http_client
-from app.llm.transport import AiohttpTransport, _AiohttpPool, _as_httpcore_error
+from app.llm.transport import AiohttpTransport, as_httpx_error, client_timeout
 from app.llm.types import ChatRequest, Completion, CompletionDelta, LLMError
 from tests.conftest import wait_until
-from tests.simserver import unused_port
+from tests.support.simserver import unused_port
 
 # ---------------------------------------------------------------------------------------
 # A scripted HTTP/1.1 server
@@ -213,52 +212,47 @@ async def drain(
 # What the client is made of
 
 
-def test_the_client_runs_on_an_aiohttp_transport_that_httpx_instrumentation_patches() -> None:
+def test_the_client_has_the_settings_timeouts() -> None:
     client = build_http_client(
         Settings(llm_max_connections=7, llm_max_keepalive=3, llm_timeout=30, llm_connect_timeout=4),
         UpstreamConfig(name="u", base_url="http://127.0.0.1:1/v1"),
     )
-    transport = client._transport
-    assert isinstance(transport, AiohttpTransport)
-    # OpenTelemetry's httpx instrumentation patches this class's handle_async_request.
-    assert isinstance(transport, httpx.AsyncHTTPTransport)
-    assert type(transport).handle_async_request is httpx.AsyncHTTPTransport.handle_async_request
     assert client.timeout == httpx.Timeout(30, connect=4)
 
 
 def test_httpx_timeouts_map_to_aiohttp_timeouts() -> None:
-    pool = _AiohttpPool(httpx.Limits(), httpx.create_ssl_context())
-    timeout = pool._timeout(httpx.Timeout(60, connect=5).as_dict())
+    timeout = client_timeout(httpx.Timeout(60, connect=5).as_dict())
     assert timeout == aiohttp.ClientTimeout(total=None, connect=65, sock_connect=5, sock_read=60)
-    unlimited = pool._timeout(httpx.Timeout(None).as_dict())
+    unlimited = client_timeout(httpx.Timeout(None).as_dict())
     assert unlimited == aiohttp.ClientTimeout()
 
 
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (aiohttp.ConnectionTimeoutError("connect"), httpcore.ConnectTimeout),
-        (aiohttp.SocketTimeoutError("read"), httpcore.ReadTimeout),
-        (aiohttp.ServerTimeoutError("read"), httpcore.ReadTimeout),
-        (TimeoutError(), httpcore.ReadTimeout),
-        (aiohttp.ServerDisconnectedError(), httpcore.RemoteProtocolError),
-        (aiohttp.ClientPayloadError("short body"), httpcore.RemoteProtocolError),
-        (aiohttp.ClientOSError(104, "reset"), httpcore.ReadError),
-        (aiohttp.ClientConnectionError("other"), httpcore.NetworkError),
-        (ConnectionResetError(104, "reset"), httpcore.NetworkError),
+        (aiohttp.ConnectionTimeoutError("connect"), httpx.ConnectTimeout),
+        (aiohttp.SocketTimeoutError("read"), httpx.ReadTimeout),
+        (aiohttp.ServerTimeoutError("read"), httpx.ReadTimeout),
+        (TimeoutError(), httpx.ReadTimeout),
+        (aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError),
+        (aiohttp.ClientPayloadError("short body"), httpx.RemoteProtocolError),
+        (aiohttp.ClientOSError(104, "reset"), httpx.ReadError),
+        (aiohttp.ClientConnectionError("other"), httpx.NetworkError),
+        (ConnectionResetError(104, "reset"), httpx.NetworkError),
     ],
 )
-def test_aiohttp_errors_become_the_httpcore_errors_httpx_maps(
-    error: Exception, expected: type[Exception]
-) -> None:
-    mapped = _as_httpcore_error(error)
+def test_aiohttp_errors_become_httpx_errors(error: Exception, expected: type[Exception]) -> None:
+    request = httpx.Request("POST", "http://upstream/v1/chat/completions")
+    mapped = as_httpx_error(error, request)
     assert type(mapped) is expected
+    assert isinstance(mapped, httpx.TransportError)
+    assert mapped.request is request
     assert str(mapped)
 
 
 def test_other_exceptions_are_left_alone() -> None:
     error = ValueError("a bug, not the network")
-    assert _as_httpcore_error(error) is error
+    assert as_httpx_error(error, httpx.Request("GET", "http://upstream/")) is error
 
 
 # ---------------------------------------------------------------------------------------
@@ -745,7 +739,7 @@ async def test_closed_client_refuses_to_send(
 # Tracing: OpenTelemetry's httpx instrumentation sees the requests
 
 
-async def test_httpx_instrumentation_traces_and_propagates_through_the_transport(
+async def test_httpx_client_instrumentation_traces_and_propagates_through_the_transport(
     serve: Callable[[Script], Awaitable[Upstream]], make_model: MakeModel
 ) -> None:
     server = await serve(answer)
@@ -753,15 +747,13 @@ async def test_httpx_instrumentation_traces_and_propagates_through_the_transport
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentor = HTTPXClientInstrumentor()
-    assert not instrumentor.is_instrumented_by_opentelemetry
-    instrumentor.instrument(tracer_provider=provider)
+    HTTPXClientInstrumentor.instrument_client(model.client, tracer_provider=provider)
     try:
         with provider.get_tracer("test").start_as_current_span("parent") as parent:
             await model.complete(ask())
             await collect(model)
     finally:
-        instrumentor.uninstrument()
+        HTTPXClientInstrumentor.uninstrument_client(model.client)
 
     spans = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.CLIENT]
     assert [span.name for span in spans] == ["POST", "POST"]

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+
+from tests.support.processes import free_port
 
 __all__ = [
     "INSTALL_HINT",
@@ -61,13 +62,6 @@ STOP_TIMEOUT = 10.0
 
 class NginxUnavailableError(RuntimeError):
     """nginx is not installed and could not be installed."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def find_nginx() -> str | None:

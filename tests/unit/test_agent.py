@@ -20,16 +20,10 @@ from app.agents.agent import (
 )
 from app.agents.spec import AgentSpec
 from app.agents.tools import ToolRegistry, builtin_registry
+from app.domain import Message, Usage
 from app.llm.simulator import Simulator, SimulatorChatModel
-from app.llm.types import (
-    ChatRequest,
-    Completion,
-    CompletionDelta,
-    LLMError,
-    Message,
-    ToolCall,
-    Usage,
-)
+from app.llm.types import ChatRequest, Completion, CompletionDelta, LLMError, ToolCall
+from tests.support.fakes import ScriptedModel
 
 INSTRUCTIONS = "You are a helpful agent with tools."
 BOTH_TOOLS = "what is 2+3 and the time in Europe/Paris"
@@ -67,27 +61,6 @@ async def events_of(agent: Agent, message: str, *, stream: bool = False) -> list
 
 def call(name: str, arguments: str = "{}", id_: str | None = None) -> ToolCall:
     return ToolCall(id=id_ or f"call_{name}", name=name, arguments=arguments)
-
-
-class ScriptedModel:
-    """A non-streaming ChatModel answering from a script (the last step repeats)."""
-
-    def __init__(self, *script: Completion | BaseException) -> None:
-        self.script = list(script)
-        self.requests: list[ChatRequest] = []
-        self.seen_messages: list[list[Message]] = []  # copies: the agent appends to its list
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        self.requests.append(request)
-        self.seen_messages.append([dict(m) for m in request.messages])
-        step = self.script[min(len(self.requests), len(self.script)) - 1]
-        if isinstance(step, BaseException):
-            raise step
-        return step
 
 
 class ScriptedStreamingModel(ScriptedModel):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.cache import cache_key, history_digest, normalize_message
-from app.llm.types import Message
+from app.domain import Message
 
 HISTORY: list[Message] = [
     {"role": "user", "content": "What is 2+2?"},

@@ -2,7 +2,7 @@
 
 Every refusal asserts the status, the RFC 6750 error code, the description, and that neither
 the description, the challenge nor the logs repeat the token or a claim value. JWKS cases run
-against a real HTTP server (tests.jwks_server) on a loopback socket.
+against a real HTTP server (tests.support.jwks_server) on a loopback socket.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from jwt.algorithms import RSAAlgorithm
 
 from app.config import DEV_JWT_SECRET, Settings
 from app.security.jwt import AuthError, JWTVerifier, Principal, mint_token
-from tests.jwks_server import JWKSServer, ec_key, rsa_key, running_jwks_server
-from tests.simserver import unused_port
+from tests.support.fakes import FakeClock
+from tests.support.jwks_server import JWKSServer, ec_key, rsa_key, running_jwks_server
+from tests.support.simserver import unused_port
 
 SECRET = "test-secret-" + "0123456789abcdef" * 4  # 76 bytes: fine for HS256..HS512
 OTHER_SECRET = "another-secret-" + "fedcba9876543210" * 4
@@ -44,17 +45,6 @@ EC_1 = ec_key("ec-1")
 EC_2 = ec_key("ec-2")
 
 Factory = Callable[..., JWTVerifier]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # --- helpers ------------------------------------------------------------------------------

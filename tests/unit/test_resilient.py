@@ -6,11 +6,11 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import pytest
 
-from app.llm.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.domain import Usage
 from app.llm.resilient import FallbackChain, ResilientUpstream, RetryPolicy, counts_as_failure
 from app.llm.simulator import Simulator, SimulatorChatModel, SimulatorKnobs
 from app.llm.types import (
@@ -20,59 +20,15 @@ from app.llm.types import (
     CompletionDelta,
     LLMError,
     LLMUnavailableError,
-    Usage,
 )
+from app.resilience.breaker import BreakerConfig, BreakerOpenError, BreakerState, CircuitBreaker
+from tests.support.fakes import HANG, FakeClock, Hang, ScriptedModel
 
 # ---------------------------------------------------------------------------------------
 # Fakes and helpers
 
 
-class _Hang:
-    """Script marker: never answer (until cancelled)."""
-
-
-HANG: Final = _Hang()
-
-Step = Completion | BaseException | _Hang
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class ScriptedModel:
-    """A ChatModel answering from a script (the last step repeats); counts its calls."""
-
-    def __init__(self, *script: Step) -> None:
-        assert script
-        self.script = list(script)
-        self.requests: list[ChatRequest] = []
-        self.call_times: list[float] = []
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        self.requests.append(request)
-        self.call_times.append(time.perf_counter())
-        step = self.script[min(len(self.requests), len(self.script)) - 1]
-        if isinstance(step, _Hang):
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
-        if isinstance(step, BaseException):
-            raise step
-        return step
-
-
-StreamStep = CompletionDelta | Completion | BaseException | _Hang
+StreamStep = CompletionDelta | Completion | BaseException | Hang
 
 
 class ScriptedStreamModel:
@@ -95,7 +51,7 @@ class ScriptedStreamModel:
         self.requests.append(request)
         try:
             for step in self.script[min(len(self.requests), len(self.script)) - 1]:
-                if isinstance(step, _Hang):
+                if isinstance(step, Hang):
                     await asyncio.Event().wait()
                 elif isinstance(step, BaseException):
                     raise step
@@ -808,7 +764,7 @@ async def test_cancelled_complete_releases_the_half_open_permit() -> None:
     task = asyncio.create_task(up.complete(REQUEST))
     await settle()
     assert breaker.state is BreakerState.HALF_OPEN
-    with pytest.raises(CallNotPermittedError):
+    with pytest.raises(BreakerOpenError):
         breaker.try_acquire()  # the probe in flight holds the only permit
 
     task.cancel()
@@ -836,7 +792,7 @@ async def test_cancelled_stream_before_first_item_releases_the_half_open_permit(
 
     task = asyncio.create_task(drain(up.stream(REQUEST)))
     await settle()
-    with pytest.raises(CallNotPermittedError):
+    with pytest.raises(BreakerOpenError):
         breaker.try_acquire()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -19,7 +19,6 @@ replaced by a single assignment, and ``Simulator.calls`` is a plain int read.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,22 +27,10 @@ import httpx
 import uvicorn
 
 from app.llm.simulator import Simulator, SimulatorKnobs, create_app
-from tests.threaded_server import serve_in_thread
+from tests.support.processes import free_port, unused_port
+from tests.support.threaded_server import serve_in_thread
 
 __all__ = ["SimServer", "free_port", "running_simulator", "unused_port"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (racy; prefer binding port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def unused_port() -> int:
-    """A port where nothing listens (connecting to it is refused): for connect-error tests."""
-    return free_port()
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""A circuit breaker per upstream, with resilience4j semantics (count-based sliding window).
+"""A circuit breaker with resilience4j semantics (count-based sliding window), for every
+dependency that can fail slowly: each LLM upstream, and Redis.
 
 It is hand-written because none of the Python breaker libraries (pybreaker, aiobreaker,
 circuitbreaker, ...) trips on a failure *rate* or a slow-call rate over a sliding window of
@@ -10,7 +11,7 @@ await, so every method runs to completion without interleaving and no locks are 
 
 Usage, per call::
 
-    breaker.try_acquire()            # raises CallNotPermittedError when refused
+    breaker.try_acquire()            # raises BreakerOpenError when refused
     started = clock()
     try:
         result = await call()
@@ -63,11 +64,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from app.llm.types import CallNotPermittedError
-
 __all__ = [
     "HALF_OPEN_RETRY_AFTER",
     "BreakerConfig",
+    "BreakerOpenError",
     "BreakerSnapshot",
     "BreakerState",
     "CircuitBreaker",
@@ -78,6 +78,16 @@ logger = logging.getLogger(__name__)
 
 HALF_OPEN_RETRY_AFTER = 1.0
 """Seconds suggested to a caller refused because every half-open probe permit is taken."""
+
+
+class BreakerOpenError(Exception):
+    """The breaker refused the call: no I/O was attempted."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"circuit breaker {name!r} is open")
+        self.name = name
+        self.retry_after = retry_after
+
 
 _FAILED = 1
 _SLOW = 2
@@ -213,7 +223,7 @@ class CircuitBreaker:
         return self._state
 
     def try_acquire(self) -> None:
-        """Take permission for one call, or raise CallNotPermittedError.
+        """Take permission for one call, or raise BreakerOpenError.
 
         Refused when OPEN and the wait has not elapsed (retry_after = time left), or when
         HALF_OPEN with every probe permit taken (retry_after = HALF_OPEN_RETRY_AFTER). When
@@ -280,7 +290,7 @@ class CircuitBreaker:
 
     def _refuse(self, retry_after: float) -> NoReturn:
         self._not_permitted += 1
-        raise CallNotPermittedError(self.name, retry_after=retry_after)
+        raise BreakerOpenError(self.name, retry_after=retry_after)
 
     def _record(self, *, failed: bool, duration: float) -> None:
         if self._state is BreakerState.OPEN:

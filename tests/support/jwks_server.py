@@ -10,7 +10,7 @@ Usage::
         server.down = True                              # answer 503 from now on
         assert server.requests == 1
 
-Like `tests.simserver`, the server runs in a background thread with its own event loop on a
+Like `tests.support.simserver`, the server runs in a background thread with its own event loop on a
 socket bound to port 0 before the thread starts. The knobs are plain attributes of
 `JWKSServer`, read by the server thread on every request (single assignments, GIL-safe).
 """
@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.threaded_server import serve_in_thread
+from tests.support.threaded_server import serve_in_thread
 
 __all__ = [
     "JWKS_PATH",

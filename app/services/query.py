@@ -1,4 +1,4 @@
-"""QueryService: one turn of a conversation, with no HTTP types in sight.
+"""QueryService: one turn of a conversation.
 
 load session → cache lookup → (miss) lease an agent and run it → write the whole turn in
 one transaction. A database connection is held only while loading and while writing,
@@ -8,6 +8,7 @@ still writes the turn, so the stored conversation is always complete.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -16,47 +17,24 @@ from typing import Any
 
 import orjson
 
-from app.agents.agent import Agent, AgentResult, StepRecord, collect
+from app.agents.agent import Agent, AgentResult, FinishReason, StepRecord, collect
 from app.agents.pool import AgentPool
 from app.agents.spec import AgentSpec
 from app.cache import ResponseCache, cache_key
-from app.llm.types import Usage
-from app.storage.sessions import SessionBusyError, SessionStore, StoredMessage, Turn
+from app.domain import StoredMessage, Turn, Usage
+from app.errors import (
+    AgentForbiddenError,
+    AgentMismatchError,
+    AgentNotFoundError,
+    SessionBusyError,
+    SessionFullError,
+    SessionNotFoundError,
+    UpstreamUnavailableError,
+)
+from app.llm.types import LLMError
+from app.storage import TurnRepository
 
-
-class ServiceError(Exception):
-    """A failure the caller can act on; the API maps `code` to an HTTP status."""
-
-    code = "error"
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
-class AgentNotFoundError(ServiceError):
-    code = "agent_not_found"
-
-
-class AgentForbiddenError(ServiceError):
-    code = "agent_forbidden"
-
-
-class SessionNotFoundError(ServiceError):
-    code = "session_not_found"
-
-
-class SessionBusy(ServiceError):  # noqa: N818 - named after its error code
-    code = "session_busy"
-
-
-class SessionFullError(ServiceError):
-    code = "session_full"
-
-
-class AgentMismatchError(ServiceError):
-    code = "agent_mismatch"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,9 +66,36 @@ class QueryOutput:
     model: str
     usage: Usage
     steps: list[StepRecord]
-    finish_reason: str
+    finish_reason: FinishReason
     cached: bool
     latency_ms: float
+
+
+class ActiveTurns:
+    """The sessions answering a turn in this process right now: a second turn of the same
+    session is refused at once (409) rather than racing the first to the database, and a
+    session is not erased under a running turn (whose cache entries would outlive it)."""
+
+    def __init__(self) -> None:
+        self.sessions: set[uuid.UUID] = set()
+
+    def __contains__(self, session_id: uuid.UUID) -> bool:
+        return session_id in self.sessions
+
+    def begin(self, session_id: uuid.UUID) -> None:
+        if session_id in self.sessions:
+            raise busy_error(session_id)
+        self.sessions.add(session_id)
+
+    def end(self, session_id: uuid.UUID) -> None:
+        self.sessions.discard(session_id)
+
+
+def busy_error(session_id: uuid.UUID) -> SessionBusyError:
+    return SessionBusyError(
+        f"session {session_id} is answering another request; retry when it has finished",
+        retry_after=1.0,
+    )
 
 
 def encode_result(result: AgentResult) -> bytes:
@@ -127,26 +132,35 @@ class QueryService:
     def __init__(
         self,
         *,
-        store: SessionStore,
+        turns: TurnRepository,
         specs: dict[str, AgentSpec],
         pools: dict[str, AgentPool[Agent]],
         cache: ResponseCache | None,
+        active: ActiveTurns,
         default_agent: str,
+        default_model: str,
         fingerprints: dict[str, str],
         default_cache_ttl: int,
         session_max_messages: int,
         on_turn_saved: Callable[[str, list[StepRecord], bool], None] | None = None,
     ) -> None:
-        self._store = store
+        self._turns = turns
         self._specs = specs
         self._pools = pools
         self._cache = cache
+        self._active = active
         self._default_agent = default_agent
+        self._default_model = default_model
         self._default_cache_ttl = default_cache_ttl
         self._session_max_messages = session_max_messages
         self._fingerprints = fingerprints
-        self._busy: set[uuid.UUID] = set()
         self._on_turn_saved = on_turn_saved
+
+    def agents(self) -> list[AgentSpec]:
+        return list(self._specs.values())
+
+    def model_id(self, spec: AgentSpec) -> str:
+        return spec.model or self._default_model
 
     def spec(self, name: str | None, allowed: frozenset[str] | None = None) -> AgentSpec:
         name = name or self._default_agent
@@ -164,7 +178,7 @@ class QueryService:
             spec = self.spec(query.agent, query.allowed_agents)
             session_id, history, expected, digest, is_new = uuid.uuid4(), [], 0, "", True
         else:
-            record = await self._store.load(query.session_id)
+            record = await self._turns.load(query.session_id)
             if record is None or record.owner != query.owner:
                 raise SessionNotFoundError(f"session {query.session_id} does not exist")
             if query.agent is not None and query.agent != record.agent:
@@ -181,38 +195,46 @@ class QueryService:
             session_id, history = record.id, record.history
             expected, digest, is_new = record.message_count, record.history_digest, False
 
-        if session_id in self._busy:
-            raise self._busy_error(session_id)
-        self._busy.add(session_id)
+        self._active.begin(session_id)
         try:
             pool = self._pools[spec.name]
+            computed: AgentResult | None = None
 
-            async def run_agent() -> bytes:
+            async def run_agent() -> AgentResult:
                 async with pool.lease() as agent:
-                    result = await collect(agent.run(history, query.message))
-                return encode_result(result)
+                    return await collect(agent.run(history, query.message))
 
-            if self._cache is None:
-                raw, hit = await run_agent(), False
-            else:
-                key = cache_key(
-                    fingerprint=self._fingerprints[spec.name],
-                    history_digest=digest,
-                    message=query.message,
-                    scope=self._cache_scope(spec, query.owner),
-                )
-                raw, hit = await self._cache.get_or_compute(
-                    key,
-                    run_agent,
-                    ttl=query.cache.ttl or spec.cache_ttl or self._default_cache_ttl,
-                    read=query.cache.read,
-                    write=query.cache.write,
-                    session_id=str(session_id),
-                )
-            answer = decode_result(raw)
+            async def run_for_cache() -> bytes:
+                nonlocal computed
+                computed = await run_agent()
+                return encode_result(computed)
+
+            try:
+                if self._cache is None:
+                    answer, hit = await run_agent(), False
+                else:
+                    key = cache_key(
+                        fingerprint=self._fingerprints[spec.name],
+                        history_digest=digest,
+                        message=query.message,
+                        scope=self._cache_scope(spec, query.owner),
+                    )
+                    raw, hit = await self._cache.get_or_compute(
+                        key,
+                        run_for_cache,
+                        ttl=query.cache.ttl or spec.cache_ttl or self._default_cache_ttl,
+                        read=query.cache.read,
+                        write=query.cache.write,
+                        session_id=str(session_id),
+                    )
+                    # what this request computed itself needs no decoding
+                    answer = computed if computed is not None and not hit else decode_result(raw)
+            except LLMError as exc:
+                logger.warning("LLM unavailable", extra={"error": str(exc)})
+                raise UpstreamUnavailableError(exc.retry_after) from exc
             await self._save(query, spec, session_id, is_new, expected, digest, answer, hit)
         finally:
-            self._busy.discard(session_id)
+            self._active.end(session_id)
 
         return QueryOutput(
             answer=answer.answer,
@@ -262,32 +284,14 @@ class QueryService:
             metadata=query.metadata,
         )
         try:
-            await self._store.save_turn(turn)
+            await self._turns.save_turn(turn)
         except SessionBusyError:
-            if not is_new and await self._store.load(session_id, with_history=False) is None:
+            if not is_new and await self._turns.load(session_id, with_history=False) is None:
                 if self._cache is not None:  # this turn's entry outlived the erasure
                     await self._cache.forget_session(str(session_id))
                 raise SessionNotFoundError(
                     f"session {session_id} was deleted while this turn ran"
                 ) from None
-            raise self._busy_error(session_id) from None
+            raise busy_error(session_id) from None
         if self._on_turn_saved is not None:
             self._on_turn_saved(spec.name, answer.steps, hit)
-
-    async def forget(self, session_id: uuid.UUID, owner: str) -> None:
-        """Erase a session, its messages and the cache entries its turns wrote."""
-        record = await self._store.load(session_id, with_history=False)
-        if record is None or record.owner != owner:
-            raise SessionNotFoundError(f"session {session_id} does not exist")
-        if session_id in self._busy:  # its turn would write cache entries after the erasure
-            raise self._busy_error(session_id)
-        await self._store.delete(session_id)
-        if self._cache is not None:
-            await self._cache.forget_session(str(session_id))
-
-    @staticmethod
-    def _busy_error(session_id: uuid.UUID) -> SessionBusy:
-        return SessionBusy(
-            f"session {session_id} is answering another request; retry when it has finished",
-            retry_after=1.0,
-        )
