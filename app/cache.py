@@ -1,9 +1,8 @@
 """Response cache: Redis when configured, else a bounded in-process LRU with per-entry TTLs.
 
-Values are opaque bytes (the service encodes its answer with orjson). The cache is an
-optimisation and never a dependency: every public method swallows its own errors (they are
-logged, counted through the observer and fed to a circuit breaker), so a slow or dead Redis
-costs a request at most about one socket timeout and, once the breaker is open, nothing.
+Values are opaque bytes. The cache is an optimisation, never a dependency: public methods
+swallow Redis errors (`RedisGuard` logs, counts and feeds them to its breaker), so a slow or
+dead Redis costs a request only bounded waits, and nothing once the circuit is open.
 
 Redis keys (``P`` is ``key_prefix``)::
 
@@ -15,14 +14,12 @@ Redis keys (``P`` is ``key_prefix``)::
 
 The session index uses ``PEXPIRE ... NX`` / ``PEXPIRE ... GT``, which need Redis >= 7.0.
 
-Single flight. ``get_or_compute`` runs one ``compute()`` per key at a time in this process:
-the first caller to miss starts a *flight* (an asyncio task running compute and storing the
-value); callers that arrive while it runs await the same task. Waiters hold a reference
-count: the task survives the cancellation of the caller that started it as long as anyone
-still waits, and is cancelled when the last waiter goes away (so abandoned work does not
-keep running). Followers report ``hit=True``: they did not call upstream themselves. With
-the Redis backend the flight also takes a short lock so that replicas do not compute the
-same answer concurrently; a replica that finds the lock taken polls for the value.
+Single flight: ``get_or_compute`` runs one ``compute()`` per key at a time in this process.
+The first caller to miss starts a *flight* (a task that computes and stores the value);
+later callers await the same task and report ``hit=True``. The task outlives the caller
+that started it while anyone still waits, and is cancelled when the last waiter leaves.
+With Redis, the flight also takes a lock so replicas do not compute the same answer at
+once; a replica that finds the lock taken polls for the value.
 """
 
 from __future__ import annotations
@@ -88,9 +85,8 @@ if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {false, 0}
 """
-"""The value if there is one; else take the lock if it is free. One round trip serves a hit,
-and a miss needs no separate lookup before its lock (the GET also closes the race with a
-replica that has just stored the value)."""
+"""The value if there is one, else the lock if it is free: one round trip for a hit or a
+miss, and the GET closes the race with a replica that has just stored the value."""
 
 _STORE_SCRIPT = """
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -104,10 +100,9 @@ if ARGV[4] ~= '' and redis.call('get', KEYS[3]) == ARGV[4] then
 end
 return 1
 """
-"""One call stores a value: SET ... PX; with a member (ARGV[3]) it is indexed under the
-session (a new index gets the expiry, NX; an old one only ever lengthens, GT); with a token
-(ARGV[4]) our lock goes too, after the value, so waiting replicas find it. One command to
-pack and one reply to parse instead of a pipeline of five."""
+"""Store a value in one call: SET ... PX; with a member (ARGV[3]) index it under the
+session (a new index gets the expiry, NX; an old one only lengthens, GT); with a token
+(ARGV[4]) release our lock after the value is written, so waiting replicas find it."""
 
 _FORGET_BATCH = 512
 
@@ -149,9 +144,9 @@ def cache_key(
 
     The conversation so far is given either as `history` (digested with `history_digest()`)
     or as a precomputed `history_digest` (e.g. the chained digest the session store keeps);
-    exactly one of the two. A caller must stick to one form: the two never produce the same
-    key. The fields are framed as a JSON array (with a version tag), so no two different
-    field tuples can serialize to the same bytes.
+    exactly one of the two, and always the same form: the two never produce the same key.
+    The fields are framed as a JSON array with a version tag, so no two different field
+    tuples serialize to the same bytes.
     """
     _check_scope(scope)
     if (history is None) == (history_digest is None):
@@ -381,10 +376,8 @@ class ResponseCache:
           result is computed privately (never shared with concurrent callers) and not stored.
         * Otherwise single flight (see the module docstring); followers get ``hit=True``.
           An exception from compute reaches every waiter and nothing is stored. With Redis,
-          the flight's first round trip is one script that returns the value or takes the
-          cross-replica lock (a hit and a miss each cost one call before compute); when it
-          fails, compute runs unlocked (Redis is likely down: do not spend another socket
-          timeout on it).
+          one script returns the value or takes the cross-replica lock; when it fails,
+          compute runs unlocked rather than wait on a Redis that is likely down.
 
         The observer sees one lookup per call with ``read=True``, with the returned `hit`
         (a miss if compute raised).
@@ -478,8 +471,8 @@ class ResponseCache:
         finally:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
-                # Nobody waits any more: stop the work, and let the next caller start afresh
-                # rather than join a flight that is being cancelled.
+                # Nobody waits: stop the work, and let the next caller start afresh rather
+                # than join a flight that is being cancelled.
                 flight.task.cancel()
                 if self._flights.get(flight.key) is flight:
                     del self._flights[flight.key]

@@ -1,4 +1,4 @@
-"""`agentserve` command line: serve, migrate, simulate."""
+"""`agentserve` command line: serve, migrate, token, simulate."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Settings: every knob of the service, from environment variables or `.env`.
 
-One flat namespace (the variable name is the field name upper-cased) so that the README's
-configuration table, `.env.example`, docker-compose and Kubernetes ConfigMaps all use the
+One flat namespace (the variable name is the field name upper-cased) so that the configuration
+table in docs/configuration.md, `.env.example`, docker-compose and Kubernetes ConfigMaps all use the
 same names.
 """
 

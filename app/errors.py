@@ -2,9 +2,9 @@
 
 A subclass names its HTTP `status` and stable machine `code`; an instance carries the
 message, an optional `retry_after` (seconds, sent as Retry-After) and extra headers. One
-handler in `app.api.errors` renders every subclass in the same JSON shape, so adding an
-error is adding a subclass here (or beside the code that raises it), never editing a table.
-Nothing here knows about HTTP frameworks: the status is just a number the API layer uses.
+handler in `app.api.errors` renders them all in the same JSON shape, so a new error is a
+new subclass, never a table edit. The status is just a number: nothing here knows HTTP
+frameworks.
 """
 
 from __future__ import annotations

@@ -47,15 +47,14 @@ def valid_request_id(value: str) -> bool:
 def tune_garbage_collector() -> None:
     """Keep full garbage collections from stalling the event loop.
 
-    * `gc.freeze()` moves everything built so far (modules, routes, pydantic's validators,
-      SQLAlchemy's metadata, the agent pools) out of the collector's reach: without it every
-      full collection walked them again, about 95 ms each, about once a second under load.
-    * Higher thresholds: at 1,000 requests in flight (each waiting seconds on the LLM) their
-      objects outlive the young generations, and full collections over those live objects
-      took 250 ms, every second or so. Young collections now run every 20,000 allocations
-      instead of 700, full ones after 50 x 20 of them instead of 10 x 10.
+    * `gc.freeze()` moves everything built at start-up (modules, routes, pydantic's
+      validators, SQLAlchemy's metadata, the agent pools) out of the collector's reach, so
+      full collections stop walking it again and again.
+    * Higher thresholds: with many requests in flight, each waiting seconds on the LLM,
+      their objects outlive the young generations, and frequent full collections over those
+      live objects stall every request; fewer collections keep the stalls rare.
 
-    Measured in docs/performance.md (the stalls made 100 ms Redis timeouts fire and set p99).
+    A long stall fires Redis timeouts and sets the tail latency (see docs/performance.md).
     A server process runs one app, so the process-wide setting is this app's to make.
     """
     gc.collect()

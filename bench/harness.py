@@ -1,11 +1,10 @@
-"""What bench/run.py and bench/soak.py share: wrk, a private Postgres
-database and Redis key prefix, the three apps as uvicorn processes, and wrk runs.
+"""What bench/run.py and bench/soak.py share: wrk, a private Postgres database and Redis
+key prefix, the apps as uvicorn processes, and wrk runs.
 
-Everything a run creates is its own and is removed at the end (also after a crash or
-Ctrl-C): the database ``agentserve_bench_<pid>_<hex>``, the Redis keys under
-``agentserve-bench:<pid>-<hex>:``, the child processes, the temporary directory. Leftovers
-of a run that was killed with SIGKILL are removed by the next run (the owner pid is in
-the names).
+Everything a run creates is its own and is removed at the end, also after a crash or
+Ctrl-C: the database ``agentserve_bench_<pid>_<hex>``, the Redis keys under
+``agentserve-bench:<pid>-<hex>:``, the child processes, the temporary directory. The next
+run removes what a run killed with SIGKILL left behind (the owner pid is in the names).
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ POOL_SIZE = 2000
 """Agents per pool (and LLM connections) the service gets: no request waits for an agent."""
 DB_POOL_SIZE = 30
 DB_MAX_OVERFLOW = 0
-"""Both the floor and the service hold the same 30 connections open. (SQLAlchemy's QueuePool
-closes its overflow connections at checkin, and under load reopened them - TLS attempt, auth,
-statements prepared again - while asyncpg's pool keeps every connection it opened.)"""
+"""No overflow, so the floor and the service hold the same connections open: SQLAlchemy's
+QueuePool closes overflow connections at checkin and reopens them under load (TLS attempt,
+auth, statements prepared again), while asyncpg's pool keeps every connection it opened."""
 
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -307,10 +306,10 @@ class Server:
 
     def settle(self, quiet_s: float = 0.2, timeout_s: float = 5.0) -> bool:
         """Wait until the server has spent no CPU for `quiet_s` (at most `timeout_s`; False
-        if it never did): wrk drops the requests it has in flight when its time is up, and
-        the server still answers them. Measuring straight after a warm-up would count their
-        CPU, and a continuation could reach a session one of them is still answering (409).
-        CPU time is read in clock ticks, so a server's idle timers may leave it "busy"."""
+        if it never did). wrk drops its in-flight requests when its time is up and the
+        server still answers them: measuring at once would count their CPU, and a
+        continuation could hit a session one of them is still answering (409). CPU time is
+        read in clock ticks, so a server's idle timers may leave it "busy"."""
         deadline = time.monotonic() + timeout_s
         last = self.cpu_seconds()
         quiet_since = time.monotonic()
@@ -839,8 +838,8 @@ def _chained_digests(
 
 async def _insert_sessions(dsn: str, ids: list[uuid.UUID], messages: int, first_index: int) -> None:
     """COPY sessions and their messages, with message_count and the chained history_digest
-    exactly as SessionStore.save_turn would have left them (one user + one assistant
-    message per turn)."""
+    exactly as the service's `save_turn` leaves them (one user + one assistant message per
+    turn)."""
     import asyncpg
 
     turns = messages // 2

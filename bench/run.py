@@ -8,12 +8,14 @@ access log), with Postgres and Redis on 127.0.0.1:
 * floor    - bench/apps/floor.py: JSON parse, Redis GET, one Postgres transaction (a session
              row and its two messages), Redis SET, JSON answer; with unique messages and
              with one repeated message;
-* service  - app.main:create_app, scenarios 1-5 of the performance issue.
+* service  - app.main:create_app: 1. full path, 2. continuation (20 and 1,000 messages),
+             3. cache hit, 4. a 50 ms upstream, 5. 1,000 connections on a 2 s upstream.
 
-Then it prints a table (requests/s, p50, p99, errors, and requests/s as a fraction of the
-baseline and of the floor) and one PASS/FAIL line per target. It creates a database and a
-Redis key prefix of its own and removes them at the end. Exit status: 0 when it measured
-(targets may be missed), 1 when a scenario had errors, 2 when it could not run.
+Then it prints a table (requests/s, p50, p99, errors, CPU per request, and requests/s as a
+fraction of the baseline and of the floor) and one PASS/FAIL line per target. It creates a
+database and a Redis key prefix of its own and removes them at the end. Exit status: 0 when
+it measured (targets may be missed), 1 when a scenario had errors, 2 when it could not run,
+130 when interrupted.
 
 Options: ``--quick`` (a smoke run of about a minute), ``--duration`` / BENCH_DURATION
 (seconds per measured run, default 10), ``--warmup`` / BENCH_WARMUP (default 3),
@@ -90,11 +92,10 @@ class Config:
             warmup=max(0, warmup),
             concurrency=max(2, concurrency),
             high_duration=high_duration,
-            # Round robin over 8x (4x quick) as many sessions per thread as connections: a
-            # session comes back only after ~8 round trips of every other connection. The
-            # 20-message sessions are also enough for two turns each at 1,500 req/s over the
-            # warm-up and the run, so that they still hold 20 (or 22) messages when continued:
-            # a few turns more and their history would be the 50-message window of row 2b.
+            # Round robin over 8x (4x quick) as many sessions as connections, so a session
+            # comes back only after ~8 round trips of every other connection. There are also
+            # enough 20-message sessions for at most two turns each at SESSIONS_RATE, so they
+            # still hold 20 (or 22) messages when continued, well under the history window.
             sessions=(4 if quick else 8) * max(2, concurrency),
             sessions20=max(
                 (4 if quick else 8) * max(2, concurrency),
@@ -377,10 +378,10 @@ class Bench:
         """A message whose answer is cached: ask until it comes back as a hit. Returns the
         message and notes on what went wrong on the way.
 
-        After an overloaded scenario the cache's Redis breaker may be open (it skips Redis
-        for REDIS_BREAKER_OPEN_SECONDS after timeouts or slow calls), and a request may hang
-        on a cross-replica lock that its holder could not release while the breaker was
-        open; then the bench moves on to a fresh message (and says so)."""
+        After an overloaded scenario the Redis breaker may be open (Redis is skipped for
+        REDIS_BREAKER_OPEN_SECONDS after repeated failures), and a request may hang on a
+        cross-replica lock whose holder failed to release it; then the bench moves on to a
+        fresh message (and says so)."""
         deadline = time.monotonic() + patience
         notes: list[str] = []
         message = f"bench cache {secrets.token_hex(4)}: what is the capital of France?"
@@ -442,9 +443,9 @@ def _ratio(a: Row | None, b: Row | None) -> float:
 
 
 def upstream_figures(result: h.WrkResult) -> dict[str, float]:
-    """Scenario 4's figures of one run : the steady rate
-    (completions per second after the first second) against the ideal, the latency added
-    over the upstream's, and the most one core at the measured CPU per request can serve."""
+    """Scenario 4's figures of one run: the steady rate (completions per second after the
+    first second) against the ideal, the latency added over the upstream's, and the most
+    one core can serve at the run's CPU per request."""
     steady = result.steady_rps(skip_s=1.0)
     # One worker is one core: at this CPU per request it cannot answer more than
     # 1/cpu requests a second, however the requests are scheduled.

@@ -1,11 +1,9 @@
 """The agent loop, shaped as an async stream of events.
 
-`Agent.run` yields what happens as it happens (text deltas, tool calls, tool results, the
-final answer); `collect` folds the stream into one AgentResult for the JSON endpoint, and
-an SSE endpoint can forward the same events as they come.
-
-When tracing is on (`app.observability.tracing`), a run is an `agent.run` span whose
-children are the `llm.call` spans of the chain and a `tool.call` span per tool call.
+`Agent.run` yields events as they happen (text deltas, tool calls, tool results, the final
+answer); `collect` folds them into one AgentResult for the JSON endpoint, and a streaming
+endpoint can forward them as they come. When tracing is on, a run is an `agent.run` span
+over the chain's `llm.call` spans and a `tool.call` span per tool call.
 """
 
 from __future__ import annotations

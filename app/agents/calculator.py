@@ -1,14 +1,11 @@
 """Arithmetic for the `calculator` tool, without `eval`.
 
-The expression is parsed with `ast.parse(..., mode="eval")` and walked against a strict
-whitelist: int/float literals, + - * / // % ** and unary + -. Every step is bounded so
-hostile input (huge powers, deep nesting, long input) fails fast with `CalculatorError`:
-
-* input length, parenthesis nesting, AST size and AST depth are capped before evaluating;
-* powers are refused when the exponent or the estimated size of the result is too large;
-* every intermediate int must stay within 10**300 in magnitude, every float finite.
-
-`^` is accepted as power, the multiplication and division signs (U+00D7, U+00F7) as * and /.
+The expression is parsed with `ast.parse(..., mode="eval")` and checked against a whitelist:
+int/float literals, + - * / // % ** and unary + -. Hostile input fails fast with
+`CalculatorError`: length, nesting, AST size and depth are capped before evaluating, powers
+are refused when the exponent or the estimated result is too large, and every intermediate
+int must stay within 10**300, every float finite. `^` means power, and the signs U+00D7
+and U+00F7 mean * and /.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """AgentPool: a fixed set of pre-built agents per spec, handed out with bounded waiting.
 
-Hand-written rather than an asyncio.Queue: the queue cannot say how many are waiting
-without poking at privates, cannot refuse a caller when the line is already too long, and
-costs more per acquire. Here the uncontended path is a list pop and a list append.
+Hand-written rather than an asyncio.Queue, which cannot say how many wait without touching
+its privates nor refuse a caller when the line is too long; the uncontended path here is a
+list pop and a list append.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class AgentPool(Generic[T]):
             # release() handed us an instance in the same tick the deadline passed: keep it.
             instance = waiter.result()
         except BaseException:
-            # Cancelled (or timed out) after release() handed us an instance: pass it on.
+            # Cancelled after release() handed us an instance: pass it on.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release(waiter.result())
             raise

@@ -196,10 +196,9 @@ class ToolRegistry:
     ) -> F | Callable[[F], F]:
         """Register `fn` as a tool and return it unchanged.
 
-        `inline=True` runs a sync function directly on the event loop: only for pure,
-        bounded, fast functions, since a timeout cannot interrupt it. Other sync functions
-        run in a worker thread (a timed-out thread is abandoned, not killed); coroutine
-        functions are awaited.
+        `inline=True` runs a sync function on the event loop, where a timeout cannot stop
+        it: only for pure, bounded, fast functions. Other sync functions run in a worker
+        thread (abandoned, not killed, on timeout); coroutine functions are awaited.
         """
 
         def decorate(func: F) -> F:

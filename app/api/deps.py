@@ -1,8 +1,6 @@
-"""What routes may ask for: one small dependency per component of the lifespan's state, and
-`Annotated` aliases built on them, so a route's signature says exactly what it touches.
-
-All `async def`: FastAPI runs a plain `def` dependency in the threadpool, two thread hops
-per request for a lookup.
+"""What routes may ask for: a dependency per component of the lifespan's state, and
+`Annotated` aliases on them, so a route's signature says what it touches. All `async def`:
+FastAPI runs a plain `def` dependency in the threadpool, two thread hops for a lookup.
 """
 
 from __future__ import annotations

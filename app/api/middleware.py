@@ -1,6 +1,5 @@
-"""The service's own ASGI middleware: one pure-ASGI layer (BaseHTTPMiddleware costs a task
-and a copy per request, and every extra layer a call and a wrapped send/receive per message).
-"""
+"""The service's own ASGI middleware, pure ASGI: BaseHTTPMiddleware costs a task and a copy
+per request, and every layer a call and a wrapped send/receive per message."""
 
 from __future__ import annotations
 
@@ -15,21 +14,17 @@ logger = logging.getLogger(__name__)
 
 
 class RequestEnvelope:
-    """What every HTTP answer of this service gets, in one layer:
+    """What every HTTP answer of this service gets, in one layer rather than three:
 
     * **X-Instance**: the replica that answered (load-balancer debugging, stack tests);
-    * **a body limit**: 413 for bodies over `max_bytes`, by Content-Length up front or while
-      a chunked body is read (the route's body parsing then fails with the same 413).
-      Hand-written: uvicorn only bounds headers, and FastAPI's `max_body_size` (Starlette's
-      RequestBodyLimitMiddleware) sits outside the app's middleware: a body declared too
-      large gets a plain-text 413 without X-Request-ID, uncounted, and the middleware
-      inside sees a private exception of Starlette's;
+    * **a body limit**: 413 for bodies over `max_body_bytes`, by Content-Length up front or
+      while a chunked body is read (the route's body parsing then fails with the same 413).
+      uvicorn only bounds headers, and Starlette's RequestBodyLimitMiddleware (FastAPI's
+      `max_body_size`) sits outside the app's middleware, where a 413 is plain text,
+      uncounted and without X-Request-ID;
     * **the JSON 500**: an unexpected exception becomes the error shape here, inside the
       request-id and metrics middleware, so it still carries X-Request-ID and is counted
       (Starlette's own handler sits outside all of them).
-
-    One class rather than three: every layer costs a call and a wrapped send/receive per
-    message.
     """
 
     def __init__(self, app: ASGIApp, *, instance: str, max_body_bytes: int) -> None:
@@ -94,10 +89,9 @@ class RequestEnvelope:
 
 
 class DocsContentPolicy:
-    """A Content-Security-Policy on the API docs pages (/docs, /redoc): their scripts and
-    styles are served by this app, and ReDoc's bundle would otherwise fetch its footer logo
-    from its vendor's CDN; with `img-src 'self' data:` the browser does not even try, so the
-    pages make no request off this host."""
+    """A Content-Security-Policy on the API docs pages (/docs, /redoc): their assets are
+    served by this app, and `img-src 'self' data:` stops ReDoc's bundle fetching its footer
+    logo from its vendor's CDN, so the pages make no request off this host."""
 
     POLICY = (b"content-security-policy", b"img-src 'self' data:")
 

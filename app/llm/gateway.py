@@ -101,7 +101,7 @@ class LLMGateway:
 
     def describe_chain(self, models: tuple[str, ...]) -> list[str]:
         """Who would answer, in order: part of the cache key, so that answers from another
-        upstream (say, the simulator before a real model was configured) are never reused."""
+        upstream (say, the simulator's, once a real model is configured) are never reused."""
         return [
             f"{config.name}|{config.kind}|{config.base_url or ''}|{model}"
             for model in models

@@ -1,13 +1,10 @@
 """Resilience around chat models: breaker + retries per upstream, and a fallback chain.
 
-Order per upstream, as in resilience4j's Retry(CircuitBreaker(call)): every attempt asks
-the breaker first, so an open breaker stops the retries at once and the chain moves on to
-the next upstream. Retries use tenacity (full-jitter exponential backoff, Retry-After
-honoured, stop before the per-call deadline would be crossed).
-
-When tracing is on, each call on an upstream (all its attempts) is one `llm.call` span: the
-upstream, the model, the breaker's state at the start, the retries (an `llm.retry` event
-each), the outcome and the tokens; ERROR status when the call fails.
+As resilience4j's Retry(CircuitBreaker(call)): every attempt asks the breaker first, so an
+open breaker stops the retries at once and the chain moves on to the next upstream. Retries
+use tenacity (full-jitter exponential backoff, Retry-After honoured, no wait that would
+cross the per-call deadline). When tracing is on, a call on an upstream (all its attempts)
+is one `llm.call` span, with an `llm.retry` event per retry.
 """
 
 from __future__ import annotations
@@ -190,9 +187,9 @@ class ResilientUpstream:
             return completion
 
     async def _complete(self, request: ChatRequest) -> Completion:
-        """The first attempt runs bare: tenacity's set-up cost ~20 µs a call, and most calls
-        succeed at once. A failed first attempt is handed to tenacity as its own attempt 1
-        (re-raised there), so the retry rules, waits, logs and counts are tenacity's."""
+        """The first attempt runs without tenacity, whose set-up is paid on every call while
+        most calls succeed at once. A failed first attempt is re-raised inside tenacity as
+        its attempt 1, so the retry rules, waits, logs and counts stay tenacity's."""
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._policy.deadline):

@@ -1,48 +1,23 @@
 """A deterministic, OpenAI-compatible chat model for development, tests and load tests.
 
-Nothing here talks to a real model. The simulator is honest about that: every response has
-model ``"simulator"`` and every text answer starts with ``[simulator]``. It can be used
-in-process (``Simulator`` / ``SimulatorChatModel``, no socket) or over HTTP (``create_app`` /
-``serve``, e.g. ``agentserve simulate --port 9100``).
+Nothing here talks to a real model, and it says so: every response has model
+``"simulator"`` and every text answer starts with ``[simulator]``. Use it in process
+(``Simulator`` / ``SimulatorChatModel``, no socket) or over HTTP (``create_app`` / ``serve``,
+e.g. ``agentserve simulate --port 9100``). docs/simulator.md gives the answer rule, token
+counting and ids in full.
 
-Answer rule (same request -> same answer, byte for byte):
+The same request gets the same answer, byte for byte (only ``created`` varies): a report of
+the tool results when the last message is from a tool; else tool calls for the offered
+``calculator`` (an arithmetic expression in the last user message) and ``current_time`` (the
+word ``time`` or ``clock``); else an echo of the user message. Tokens are counted with the
+regex ``\\w+|[^\\w\\s]``; ``max_tokens`` truncates the answer (``finish_reason: "length"``)
+but a text answer keeps its 3-token marker.
 
-1. If the last message has role ``tool``: a final text answer reporting every tool result
-   since the last assistant message, e.g.
-   ``[simulator] calculator returned 42; current_time returned 2026-01-01T12:00:00+01:00.``
-   Tool names come from the assistant ``tool_calls`` the results answer (by ``tool_call_id``).
-2. Otherwise look at the last user message (tools count as offered when they appear in
-   ``tools`` and ``tool_choice`` is not ``"none"``):
-
-   * tool ``calculator`` offered and the message contains an arithmetic expression (at least
-     two numbers joined by ``+ - * / % ** ^``, parentheses allowed, e.g. ``(2+3)*4``) ->
-     tool call ``calculator`` with ``{"expression": "<the expression text>"}``;
-   * tool ``current_time`` offered and the message contains the word ``time`` or ``clock`` ->
-     tool call ``current_time`` with ``{"timezone": "<first IANA name such as Europe/Paris in
-     the message, else UTC>"}``;
-   * both apply -> both tool calls (calculator first) in one response.
-
-   A tool-call answer has ``content: null`` and ``finish_reason: "tool_calls"``.
-3. Otherwise a text answer: ``[simulator] You said: "<the user message, whitespace collapsed,
-   at most 80 characters>". This is a simulated answer, not a real model.``
-
-Tokens are counted with the regex ``\\w+|[^\\w\\s]``: ``prompt_tokens`` over every message's
-content plus its tool call arguments, ``completion_tokens`` over the answer (content, or the
-tool call arguments). ``max_tokens`` (or ``max_completion_tokens``) truncates the answer to
-that many tokens and sets ``finish_reason: "length"``; a text answer always keeps the
-3-token ``[simulator]`` marker, tool call arguments are cut like a real model would (possibly
-leaving invalid JSON), and calls beyond the budget are dropped.
-
-Ids: responses are ``chatcmpl-sim-<n>`` (n = call number), tool calls are
-``call_<first 12 hex of sha256("<number of messages>:<last user message>")>_<index>``.
-``created`` is the current time, the only field that varies.
-
-Failures are deterministic, not random: call number n (1-based, counted per ``Simulator``,
-failed and hung calls included) fails iff ``floor(n * error_rate) > floor((n - 1) * error_rate)``,
-so rate 0.25 fails calls 4, 8, 12, ...; 1.0 fails all; 0 none. ``reset()`` restarts the count.
-Requests rejected as invalid (400) are not counted. ``latency_ms`` is spent before answering
-or failing (before the first stream chunk), ``per_token_latency_ms`` per completion token
-(spread over the stream chunks), and ``hang`` never answers until cancelled.
+Failures are deterministic too: call n (1-based, per ``Simulator``, failed and hung calls
+included, 400s not) fails iff ``floor(n * error_rate) > floor((n - 1) * error_rate)``, so
+0.25 fails calls 4, 8, 12, ...; ``reset()`` restarts the count. ``latency_ms`` is spent
+before answering or failing (before the first stream chunk), ``per_token_latency_ms`` per
+completion token (spread over the chunks), and ``hang`` waits until cancelled.
 """
 
 from __future__ import annotations
@@ -278,10 +253,9 @@ _ASCII_CLASSES = bytes(_ascii_class(code) for code in range(128)) + bytes(128)
 def count_tokens(text: str) -> int:
     """Tokens in `text` according to the simulator's tokenizer (regex ``\\w+|[^\\w\\s]``).
 
-    ASCII text is counted without the regex, exactly: each character becomes its class
-    (a word character, a space or anything else), and the tokens are the word runs plus the
-    other characters, counted with `bytes.count`. 5x the regex's speed on a 100-character
-    message (0.5 against 2.9 us); a conversation's whole history is counted on every turn.
+    ASCII text, counted on every turn for the whole history, skips the regex and gets the
+    same count: each character becomes its class (word, space, other), and the tokens are
+    the word runs plus the other characters, counted with `bytes.count`.
     """
     if text.isascii():
         classes = b" " + text.encode("ascii").translate(_ASCII_CLASSES)
@@ -292,9 +266,8 @@ def count_tokens(text: str) -> int:
 def _truncate(text: str, limit: int) -> tuple[str, bool, int]:
     """`text` cut after its `limit`-th token; whether anything was cut; its tokens after.
 
-    Text with fewer tokens than the limit, nearly every answer, comes back whole without the
-    regex (which built a match per token: ~2.5 % of a turn's CPU in the full path's profile),
-    and with the count it took, so that the caller does not count it again.
+    Text under the limit, nearly every answer, comes back whole without the regex (which
+    builds a match per token), with its count so that the caller need not count it again.
     """
     tokens = count_tokens(text)
     if tokens < limit:
@@ -319,12 +292,10 @@ def _function_of(call: Mapping[str, Any]) -> Mapping[str, Any]:
 def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     """Prompt tokens of a conversation: its messages' texts and tool-call arguments.
 
-    Counted once over all the texts joined by spaces rather than text by text: no token
-    holds whitespace, so a space between two texts neither joins nor splits a token and the
-    count is exactly the sum of theirs. The whole history is counted on every turn, and one
-    pass over it costs half as much as one call per message (53 messages of ~110
-    characters: 33 against 65 us). A conversation with any text beyond ASCII is counted
-    text by text, so that only those texts pay for the regex.
+    The whole history is counted on every turn, so it is counted in one pass over the texts
+    joined by spaces: no token holds whitespace, so the count is exactly the sum of theirs.
+    A conversation with text beyond ASCII is counted text by text, so that only those texts
+    pay for the regex.
     """
     texts: list[str] = []
     for message in messages:
@@ -486,7 +457,7 @@ def _validate(payload: object) -> int | None:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list")
-    for message in messages:  # dicts first: an ABC check costs ~10x `type() is`
+    for message in messages:  # dicts first: `type() is` is far cheaper than an ABC check
         if type(message) is not dict and not isinstance(message, Mapping):
             raise _invalid("every message must be an object")
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))

@@ -2,14 +2,12 @@
 
 Why not httpx's own transport: httpcore's pool scans every connection it holds, with a
 readability syscall per idle one, on every request and every response close, so its CPU per
-request grows with the number of open connections (at a thousand concurrent LLM calls it
-takes most of a core). aiohttp's connector takes an idle connection off a per-host list and
-parses HTTP in C, flat with concurrency. Why not the `httpx-aiohttp` package: it reports a
-server that closes the connection as `ConnectTimeout` (so a dropped answer reads as a timeout
-in the logs and metrics), ignores `max_keepalive_connections=0` and the environment's
-proxies. This is `httpx.AsyncBaseTransport`, the extension point httpx documents for custom
-transports; the client stays httpx (timeouts, exceptions, httpx-sse), and tracing wraps it
-with OpenTelemetry's `instrument_client`.
+request grows with the number of open connections. aiohttp's connector takes an idle
+connection off a per-host list and parses HTTP in C, flat with concurrency. Why not the
+`httpx-aiohttp` package: it reports a server that closes the connection as `ConnectTimeout`
+(a dropped answer would read as a timeout in logs and metrics), and ignores
+`max_keepalive_connections=0` and the environment's proxies. The client stays httpx
+(timeouts, exceptions, httpx-sse); tracing wraps it with OpenTelemetry's `instrument_client`.
 """
 
 from __future__ import annotations

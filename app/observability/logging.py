@@ -1,10 +1,9 @@
 """Structured JSON logs with the request id on every line, and the trace ids when traced.
 
-The request id comes from asgi-correlation-id's context variable, so lines logged deep in
-the LLM client or the store carry it without being handed a logger adapter. The same goes for
-`trace_id` and `span_id` (hex, as tracing backends show them): they come from the current
-OpenTelemetry span, and a line logged outside any span (tracing off, or at startup) has
-neither key.
+The request id comes from asgi-correlation-id's context variable and `trace_id` / `span_id`
+(hex, as tracing backends show them) from the current OpenTelemetry span, so lines logged
+deep in the LLM client or the store carry them without a logger adapter. A line logged
+outside any span has no trace keys.
 """
 
 from __future__ import annotations

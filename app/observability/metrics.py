@@ -110,8 +110,7 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        # labelled children of the hot-path metrics, per label set (no more than the metrics
-        # themselves hold)
+        # labelled children of the hot-path metrics, cached per label set
         self._turns: dict[str, Callable[[float], None]] = {}
         self._llm_calls: dict[tuple[str, str, str], Callable[[float], None]] = {}
         self._llm: dict[tuple[str, str], _LLMChildren] = {}
@@ -177,7 +176,7 @@ class Metrics:
 
     def _llm_children(self, upstream: str, model: str) -> _LLMChildren:
         """(latency observe, prompt-token inc, completion-token inc) for an upstream and model,
-        looked up once: `labels()` costs about a microsecond a call on every turn."""
+        looked up once rather than through `labels()` on every turn."""
         key = (upstream, model)
         children = self._llm.get(key)
         if children is None:

@@ -1,45 +1,33 @@
 """OpenTelemetry tracing: off unless configured, app-scoped when on.
 
-**When.** Tracing is on when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (spans go to
-`<endpoint>/v1/traces` over OTLP/HTTP through a BatchSpanProcessor) or when a test hands
-`create_app` a `span_exporter`. Otherwise `Tracing.from_settings` returns None: no provider,
-no instrumentation, no middleware, and every span site in the code finds
-`current_tracer() is None` and goes straight to its work. An unconfigured service pays one
-ContextVar read per agent run, LLM call and tool call.
+**When.** On when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP/HTTP to `<endpoint>/v1/traces`,
+batched) or when a test hands `create_app` a `span_exporter`. Otherwise
+`Tracing.from_settings` returns None: nothing is built or instrumented, and every span site
+finds `current_tracer() is None` at the cost of one ContextVar read.
 
-**Whose provider.** `create_app` builds an SDK TracerProvider of its own (no processor yet, no
-thread, no atexit hook) and never installs it as OpenTelemetry's global provider, so two apps
-in one process (tests) never share spans. FastAPI is instrumented per app in `create_app`
-(its middleware must exist before startup, and it goes with the app); the lifespan attaches
-the span processors (`Tracing.start`) and flushes and shuts them down on exit
-(`Tracing.shutdown`).
+**Whose provider.** Each app has its own TracerProvider, never installed as the global one,
+so two apps in one process (tests) never share spans. `create_app` instruments FastAPI (its
+middleware must exist before startup); the lifespan starts and stops the span processors
+(`Tracing.start`, `Tracing.shutdown`).
 
-**How the code finds the tracer.** `Agent` and `ResilientUpstream` are built by the runtime
-and the gateway, which know nothing of tracing, so the tracer travels in a ContextVar that a
-small ASGI middleware (`TracerScope`, added only when tracing is on) sets for the duration of
-each HTTP request. Tasks started inside a request (the parallel tool calls, the cache's
-single flight) copy the context and see it too. Not a module global: two apps in one process
-would share it. Not set in the lifespan: the lifespan runs in a task of its own, and a
-variable set there is invisible to the tasks that serve requests. The ContextVar itself is
-a key, not a component: nothing is built at import.
+**How the code finds the tracer.** `Agent` and `ResilientUpstream` know nothing of tracing:
+the `TracerScope` middleware puts the tracer in a ContextVar for each request, and tasks
+started inside the request copy it. Not a module global, which two apps would share; not set
+in the lifespan, which runs in a task whose context requests never see.
 
-**Libraries.** httpx, Redis and SQLAlchemy are instrumented with their OpenTelemetry
-instrumentors in `Tracing.start`, with this app's provider. Their patches are class-level,
-process-wide (which is also how they reach the clients that components build inside, like
-the JWKS fetcher's and the `limits` storage's), so `Tracing.shutdown` removes them again,
-and an app only removes what it applied itself. One traced app per process is the design (a
-server process runs one app): while one app holds the patches, a second traced app in the
-same process leaves them alone, so its httpx and Redis spans go to the first app's provider
-and its SQL is not traced.
+**Libraries.** `Tracing.start` instruments httpx, Redis and SQLAlchemy. Their patches are
+process-wide (so they reach clients built inside components, like the JWKS fetcher's), and
+`Tracing.shutdown` removes those this app applied. One traced app per process is the design:
+a second one leaves the first one's patches alone, so its httpx and Redis spans go to the
+first app's provider and its SQL is not traced.
 
-**Async generators.** `traced_iteration` makes a span current only while the wrapped iterator
-runs (during each `anext`), never across a `yield` to the consumer: a context attached across
-a yield would leak into the consumer's code and fail to detach when the generator is closed
-from another task (an abandoned stream is closed by the garbage collector's hook).
+**Async generators.** `traced_iteration` makes a span current only during each `anext`,
+never across a `yield`: a context attached across a yield would leak into the consumer and
+fail to detach when the generator is closed from another task (as the garbage collector
+closes an abandoned stream).
 
-At load this module imports only the OpenTelemetry API and SDK and `app.config`: `agents/`
-and `llm/` use `current_tracer` and `traced_iteration` from it and never pull in FastAPI or
-the instrumentors, which load only when tracing is on.
+At load this module imports only the OpenTelemetry API and SDK, so `agents/` and `llm/` use
+it without pulling in FastAPI or the instrumentors.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """A circuit breaker with resilience4j semantics (count-based sliding window), for every
 dependency that can fail slowly: each LLM upstream, and Redis.
 
-It is hand-written because none of the Python breaker libraries (pybreaker, aiobreaker,
-circuitbreaker, ...) trips on a failure *rate* or a slow-call rate over a sliding window of
-the last N calls; they count consecutive failures. This module is small and fully unit tested.
-
-Concurrency: a breaker is used from a single asyncio event loop and none of its methods
-await, so every method runs to completion without interleaving and no locks are needed.
-(Do not share one breaker between threads.)
+Hand-written because the Python breaker libraries (pybreaker, aiobreaker, circuitbreaker)
+count consecutive failures; none trips on a failure rate or a slow-call rate over the last
+N calls. A breaker belongs to one event loop and none of its methods await, so it needs no
+locks (do not share one between threads).
 
 Usage, per call::
 
@@ -26,32 +23,23 @@ Usage, per call::
 Every permitted call must end in exactly one of record_success / record_failure / release;
 otherwise a half-open breaker waits for the missing probe forever.
 
-State machine (as resilience4j with automaticTransitionFromOpenToHalfOpen=false):
+States (as resilience4j with automaticTransitionFromOpenToHalfOpen=false):
 
-* CLOSED: outcomes go into a ring buffer of the last ``sliding_window_size`` calls. Once it
-  holds ``min(minimum_number_of_calls, sliding_window_size)`` outcomes, the failure rate and
-  slow-call rate are computed after every outcome; either reaching its threshold opens it.
-* OPEN: every call is refused until ``wait_duration_in_open_state`` has passed; then the next
-  ``try_acquire`` moves to HALF_OPEN and is permitted. Reading ``state`` never transitions.
-* HALF_OPEN: ``permitted_number_of_calls_in_half_open_state`` probes are permitted (``release``
-  gives one back) into a fresh window of that size. When that many outcomes have been
-  recorded the rates are evaluated: reaching a threshold opens again (a new wait starts),
-  otherwise the breaker closes with an empty window.
+* CLOSED: outcomes fill a ring buffer of the last ``sliding_window_size`` calls. Once it
+  holds ``min(minimum_number_of_calls, sliding_window_size)`` outcomes, the failure and
+  slow-call rates are checked after every outcome; either reaching its threshold opens it.
+* OPEN: every call is refused until ``wait_duration_in_open_state`` has passed; the next
+  ``try_acquire`` then moves to HALF_OPEN and is permitted. Reading ``state`` never
+  transitions.
+* HALF_OPEN: ``permitted_number_of_calls_in_half_open_state`` probes (``release`` gives one
+  back) fill a fresh window of that size; once it is full, a threshold reached opens the
+  breaker again (a new wait starts), otherwise it closes with an empty window.
 
-Semantic choices:
-
-* Outcomes recorded while OPEN are ignored: they come from calls permitted before the breaker
-  opened and must neither re-open it nor pollute the window that tripped it. Outcomes are not
-  tagged with the state that permitted them, so a late outcome arriving in CLOSED or
-  HALF_OPEN counts in the current window (as in resilience4j); ``release`` outside HALF_OPEN
-  is a no-op.
-* While OPEN the snapshot still shows the window that tripped the breaker (the rates that
-  opened it); the window is emptied on entering HALF_OPEN and again on closing.
-* ``retry_after()`` is the time left until OPEN may half-open, and 0.0 in any other state.
-  A refusal in HALF_OPEN (all probe permits taken) carries ``HALF_OPEN_RETRY_AFTER`` (1 s)
-  instead, since "retry after 0 s" would invite an immediate retry storm while the probes'
-  outcome is still unknown.
-* ``not_permitted_calls`` counts refusals over the breaker's lifetime (``reset`` zeroes it).
+Outcomes recorded while OPEN (calls permitted before it opened) are ignored; a late outcome
+in CLOSED or HALF_OPEN counts in the current window, as in resilience4j. While OPEN, the
+snapshot still shows the window that tripped the breaker. A refusal in HALF_OPEN carries
+``HALF_OPEN_RETRY_AFTER``: "retry after 0 s" would invite a retry storm while the probes
+are out.
 """
 
 from __future__ import annotations
@@ -149,6 +137,7 @@ class BreakerSnapshot:
     failed_calls: int
     slow_calls: int
     not_permitted_calls: int
+    """Refusals over the breaker's lifetime (``reset`` zeroes them)."""
 
 
 StateListener = Callable[[str, BreakerState, BreakerState], None]

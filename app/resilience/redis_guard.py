@@ -1,20 +1,17 @@
 """RedisGuard: the one failure policy for Redis, shared by the response cache and the limiter.
 
-Redis is an optimisation here, never a dependency of a request: every caller has a way on
+Redis is an optimisation here, never a dependency of a request: every caller can go on
 without it (compute the answer, count in process). So every Redis round trip goes through
 `RedisGuard.call`, which
 
-* asks a circuit breaker first: while Redis keeps failing the call is skipped at once
-  (`RedisUnavailableError`, no I/O), so an outage costs a request nothing;
+* asks a circuit breaker (`redis_breaker`) first: while Redis keeps failing the call is
+  skipped at once (`RedisUnavailableError`, no I/O), so an outage costs a request nothing;
 * bounds the whole call with one `asyncio.timeout` (a wait for a pooled connection, a
   connect, the command, and a script's reload after a Redis restart);
 * counts a connection or timeout failure against the breaker, logs it (at most one warning
   per `WARN_INTERVAL`), reports it to the observer and raises `RedisUnavailableError`;
   any other Redis error (a script error, OOM) is reported too but says nothing about
   reachability, so the breaker's permit is given back.
-
-The breaker is `app.resilience.breaker.CircuitBreaker`: last 10 calls, at least 5, opens at
-50 % failures, half-opens after `open_seconds` with 2 probes.
 """
 
 from __future__ import annotations
@@ -65,14 +62,12 @@ def create_redis(settings: Settings) -> Redis:
     """The one Redis client of the app (cache and rate limits).
 
     Connecting and waiting for a pooled connection are bounded by ``redis_socket_timeout``
-    and nothing is retried (``Retry(NoBackoff(), 0)``): Redis is an optimisation here, and
-    a caller that falls back at once beats one that waits. redis-py's BlockingConnectionPool
-    holds at most ``redis_max_connections`` and waits for a free one, where the plain pool
-    raises "Too many connections" under a burst, which the callers' failure policy would
-    mistake for an outage. Reads and writes carry no socket timeout of their own: every
-    caller bounds its whole operation with ``asyncio.timeout`` (a cancelled command
-    disconnects its connection, so no stale reply reaches the next one), and a second bound
-    per read would cost a timer per command for nothing. The caller closes the client.
+    and nothing is retried: a caller that falls back at once beats one that waits. The
+    BlockingConnectionPool waits for a free connection where the plain pool raises "Too many
+    connections" under a burst, which the failure policy would mistake for an outage. Reads
+    and writes have no socket timeout: `RedisGuard` bounds the whole call (a cancelled
+    command disconnects its connection, so no stale reply reaches the next one), and a
+    second bound would cost a timer per command. The caller closes the client.
     """
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set")

@@ -1,21 +1,19 @@
 """Bearer-token (JWT) verification for /secure-query, following RFC 8725 and RFC 6750.
 
 One `JWTVerifier` per process turns an ``Authorization`` header into a `Principal` or raises
-`AuthError` (status, RFC 6750 error code, a short description that never repeats the token
-or any claim value, and the ``WWW-Authenticate`` challenge to send back).
+`AuthError` (status, RFC 6750 error code, a description that never repeats the token or a
+claim value, and the ``WWW-Authenticate`` challenge).
 
 Keys come from exactly one source, picked from the settings:
 
 * ``hmac``: ``JWT_SECRET`` when ``JWT_ALGORITHMS`` are HS*;
 * ``public_key``: ``JWT_PUBLIC_KEY`` (a PEM public key or certificate), loaded once;
 * ``jwks``: ``JWT_JWKS_URL``, fetched with httpx and cached for ``JWT_JWKS_CACHE_SECONDS``.
-  A token whose ``kid`` is not cached triggers one refresh (coalesced across concurrent
-  requests, and not more often than ``min_refresh_interval``); when the set cannot be
-  fetched the verifier fails closed.
+  An unknown ``kid`` triggers one refresh (shared by concurrent requests, at most one per
+  ``min_refresh_interval``); when the set cannot be fetched the verifier fails closed.
 
-The ``alg`` of a token must be on the ``JWT_ALGORITHMS`` allowlist *and* fit the key's type
-(RSA for RS*/PS*, the matching curve for ES*, Ed25519/Ed448 for EdDSA), so neither ``none``
-nor an HS256 token "signed" with the RSA public key (key confusion) gets through.
+A token's ``alg`` must be on the ``JWT_ALGORITHMS`` allowlist *and* fit the key's type, so
+neither ``none`` nor an HS256 token "signed" with the RSA public key (key confusion) passes.
 """
 
 from __future__ import annotations

@@ -1,50 +1,27 @@
 """Per-caller limits that hold across replicas (OWASP API4: unrestricted resource consumption).
 
-Two limits guard each identity (a client IP on /query, a JWT subject on /secure-query), each
-in its own `scope` so the endpoints never share buckets:
+Each identity (a client IP on /query, a JWT subject on /secure-query) has two limits, in a
+`scope` per endpoint so endpoints never share buckets: requests per window (a sliding window
+counter, see `RateLimiter`) and requests in flight (in Redis, a sorted set of request tokens
+scored by the end of their lease, so a dead replica's slots come back after `lease_seconds`).
 
-* **requests per window** - a sliding window counter (see `RateLimiter`), in Redis when one
-  is configured (so every replica counts into the same bucket) and in process otherwise;
-* **requests in flight** - a semaphore: in Redis a sorted set per identity whose members are
-  request tokens scored by the end of their lease; expired leases are dropped before counting,
-  so a replica that dies holding slots gives them back after `lease_seconds`.
+With Redis, admission is one round trip: one Lua script (`_ADMIT_LUA`) checks the window,
+takes a slot, counts the request and returns what the RateLimit-* headers need (`limits`'
+Redis storage has no concurrency limit and takes two scripts per request). Without Redis, or
+when a Redis call fails (`RedisGuard`: bounded, skipped while the circuit is open), `limits`
+counts in process beside an in-process count of requests in flight: per-replica limits beat
+none.
 
-Why the Redis side is a script of our own: `limits`' Redis storage has no concurrency limit
-and needs two scripts per request (`hit`, then `get_window_stats` for the headers), so with a
-slot of our own a request would cost three round trips before its work and a fourth after.
-`RateLimiter.admit` runs ONE Lua script (`_ADMIT_LUA`) that checks the window, takes a slot,
-counts the request and returns what the RateLimit-* headers need; leaving gives the slot back
-without waiting: the identity's next admission carries the release in its script (or a ZREM
-goes out after `_RELEASE_DELAY` when none comes). The window algorithm is the sliding window
-counter (two counters per identity, the previous one weighted by its overlap), the one
-`limits` also implements; the keys are this app's own (see `RateLimiter`). In process (no
-Redis, or Redis failing) `limits` does the counting (MemoryStorage +
-SlidingWindowCounterRateLimiter) next to an in-process count of requests in flight.
+Leaving never waits for Redis: the release rides on the identity's next admission on this
+replica, or goes out after `_RELEASE_DELAY` in one pipeline with the other waiting releases.
+Until then other replicas see the slot held, so a client at its limit that switches replica
+may get a 429 (Retry-After: 1) for a slot that is free.
 
-A release waits in this process for the identity's next admission here, whose script removes
-the waiting tokens before it counts the slots, so a client's next request on this replica
-finds its slot free. Otherwise the waiting releases go out on their own after
-`_RELEASE_DELAY` (50 ms), every identity's at once, as one ZREM per identity in one
-pipeline. Until then another replica sees the slot held: a client at its limit that moves
-to another replica at once may get a 429 (Retry-After: 1) for a slot that is free here. A
-request that arrives while that pipeline is on its way (or waiting for a pooled connection)
-may also find its last slot still held.
-
-A request refused by either limit is not counted in the window: the window counts admitted
-requests only. For a rate refusal that is `limits`' own rule; for a concurrency refusal it
-means a client that waits out `Retry-After: 1` and retries does not spend its budget on
-answers it never got (a refusal costs us one script call either way, counted or not). A
-request over both limits is refused as `rate` (the longer wait).
-
-Failure policy: the app's one (`app.resilience.redis_guard.RedisGuard`): every Redis call
-(the script, the ZREMs) is bounded, skipped while the circuit is open, and a failure falls
-back to the in-process limiter for that request: per-replica limits are better than none.
-
-Identities go into Redis keys only as SHA-256 hex digests, so nothing a caller sends (`:`,
-`*`, `{`, megabytes of text) can reach into another key or make keys unbounded.
-
-The script touches the window's keys and the slot set, which hash to different slots: fine on
-one Redis (what the app connects to), not on Redis Cluster.
+Only admitted requests count, so a client retrying after a refusal does not spend its budget
+on answers it never got; a request over both limits is refused as `rate` (the longer wait).
+Identities enter Redis keys only as SHA-256 digests, so caller input cannot reach into
+another key or make keys unbounded. The script's keys hash to different slots: fine on one
+Redis, not on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -88,20 +65,17 @@ _RATE_REFUSED, _CONCURRENCY_REFUSED = 1, 2  # the script's status; 0: admitted
 
 # KEYS[1], KEYS[2]: the previous and the current window's counters; KEYS[3] (absent: no
 # concurrency limit): the identity's slot set.
-# ARGV: limit, window (ms), max in flight, lease (ms), token, then the identity's released
-# tokens this call carries (removed from KEYS[3] before the slots are counted).
-# Returns {status, remaining, ms until the window frees capacity}; status 0: admitted
-# (counted, slot taken), 1: refused by the window, 2: refused by the slots. Refusals write
-# nothing but the carried releases, the window shift and the dropped leases.
+# ARGV: limit, window (ms), max in flight, lease (ms), token, then released tokens to remove
+# from KEYS[3] before the slots are counted.
+# Returns {status, remaining, ms until the window frees capacity}; status 0: admitted,
+# 1: refused by the window, 2: refused by the slots. A refusal writes only the carried
+# releases, the window shift and the dropped leases.
 #
-# The window is a sliding window counter: the current window's counter lives 2
-# windows (PX), so while its TTL is under one window it is really the previous window; it is
-# then renamed to KEYS[1] and a fresh current one starts, aligned to the same boundary. The
-# previous count weighs by its remaining TTL, a fraction of a window. Both TTLs are measured by
-# Redis, and the leases are scored by Redis' TIME, so replicas with skewed clocks agree.
-# Remaining is the limit less the weighted count; reset is the time until the weighted count
-# drops by one (or the current window shifts), and a window opened by this very request
-# reports a whole window to go.
+# The current counter lives two windows (PX): once its TTL is under one window it holds the
+# previous window, so it is renamed to KEYS[1] and a fresh current one starts. The previous
+# count is weighted by its remaining TTL. TTLs and lease scores come from Redis (PTTL, TIME),
+# so replicas with skewed clocks agree. Reset is the time until the weighted count drops by
+# one (or the window shifts); a window opened by this request reports a whole window to go.
 _ADMIT_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -175,8 +149,8 @@ class RateLimitState:
 
 
 class RateLimitExceeded(RateLimitedError):  # noqa: N818 - the API's name, like limits' own
-    """Refused: too many requests in the window (`rate`) or too many in flight; carries
-    the RateLimit-* headers beside Retry-After."""
+    """Refused: too many requests in the window (`rate`) or in flight (`concurrency`);
+    carries the RateLimit-* headers beside Retry-After."""
 
     def __init__(
         self,
@@ -215,8 +189,8 @@ def _parse_limit(limit: str) -> limits.RateLimitItem:
 
 
 def window_counter_key(prefix: str, item: limits.RateLimitItem, scope: str, digest: str) -> str:
-    """The current window's counter: `<prefix>rl:<scope>:<digest>:<amount>/<seconds>s`; the
-    previous window's is the same with `:previous` appended."""
+    """The current window's counter key, `<prefix><scope>:<digest>:<amount>/<seconds>s`;
+    the previous window's key appends `:previous`."""
     return f"{prefix}{scope}:{digest}:{item.amount}/{item.get_expiry()}s"
 
 
@@ -241,17 +215,14 @@ def _concurrency_exceeded(max_in_flight: int) -> RateLimitExceeded:
 
 
 class RateLimiter:
-    """Rate and concurrency limits per (scope, identity), in Redis or in process.
+    """Rate and concurrency limits per (scope, identity); `backend` is "redis" when given
+    the app's guarded client, else "memory".
 
-    The window is a **sliding window counter** rather than a moving window: it keeps two
-    counters per identity instead of one timestamp per request (O(1) memory however large the
-    limit), and in Redis its window boundaries come from key TTLs measured by Redis itself, so
-    replicas with skewed clocks still agree (a moving window stamps entries with each
-    replica's clock). The price is an approximation - the previous window's count is weighted
-    by how much of it still overlaps - which is the usual trade for abuse limits and never lets
-    a burst of twice the limit through, unlike a fixed window.
-
-    Backend: "redis" through the app's guarded client when there is one, else "memory".
+    A sliding window counter rather than a moving window: two counters per identity instead
+    of a timestamp per request (O(1) memory whatever the limit), and window boundaries from
+    TTLs that Redis measures, so replicas' clocks need not agree. The price is an
+    approximation (the previous window weighted by its overlap), which never lets a burst of
+    twice the limit through as a fixed window does.
     """
 
     backend: Literal["redis", "memory"]
@@ -400,14 +371,11 @@ class RateLimiter:
     # --- release -------------------------------------------------------------------------
 
     def _release(self, scope: str, digest: str, token: str | None) -> None:
-        """Give a slot back. Never awaits: in Redis the token waits for the identity's next
-        admission, whose script removes it before counting the slots, or for
-        `_RELEASE_DELAY`, whichever comes first (after `aclose`, it goes out at once).
-
-        Why not a ZREM right away: a client that keeps sending comes back within the delay,
-        and carrying its releases saves a round trip per request (190,000-211,000
-        instructions of a turn, 5-6 %: docs/performance.md); the others' releases go out
-        together, one pipeline per delay."""
+        """Give a slot back without awaiting. In Redis the token waits for the identity's
+        next admission, whose script removes it, or for `_RELEASE_DELAY`, whichever comes
+        first (after `aclose`, at once). A client that keeps sending comes back within the
+        delay, so carrying its release saves a round trip per request; the other releases
+        go out together, one pipeline per delay."""
         if token is None:
             self._release_locally(f"{scope}:{digest}")
             return
@@ -450,10 +418,9 @@ class RateLimiter:
             self._spawn(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        """Send the waiting releases: one ZREM per identity, all in one pipeline. They go
-        even while the circuit is open (a slot left behind would lock its client out until
-        its lease ends, long after Redis is back); if Redis fails they are not tried again:
-        the leases free the slots later."""
+        """Send the waiting releases, one ZREM per identity in one pipeline, even while the
+        circuit is open (a slot left behind locks its client out until its lease ends). A
+        failure is not retried: the leases free the slots."""
         batch, self._releases = self._releases, {}
         if not batch or self._guard is None:
             return
@@ -514,8 +481,8 @@ class RateLimiter:
 
 
 class _Admission(AbstractAsyncContextManager[RateLimitState]):
-    """One admitted request. A class rather than an async generator, so an admission that is
-    entered and never exited (a simulated crash) is not released behind the caller's back."""
+    """One admitted request. A class rather than an async generator, so an admission entered
+    and never exited (a simulated crash) is not released behind the caller's back."""
 
     __slots__ = ("_digest", "_held", "_item", "_limiter", "_max", "_scope", "_token")
 

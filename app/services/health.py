@@ -1,8 +1,9 @@
 """ReadinessService: whether this replica should get traffic, and what each part says.
 
-Ready means: the database answers and is migrated to a revision this code knows, and the
-process is not draining. LLM circuits and the cache only inform (`degraded`): a replica
-with an open circuit still answers from the fallback chain or fails fast with 503.
+Ready means: the database answers and is migrated to this code's head (or past it, by a
+newer release during a rolling upgrade), and the process is not draining. LLM circuits and
+the cache only inform (`degraded`): a replica with an open circuit still answers from the
+fallback chain or fails fast with 503.
 """
 
 from __future__ import annotations

@@ -1,30 +1,34 @@
 """The turn repository on Postgres: the two calls of every turn in one statement each.
 
-Why its own SQL: through Core a continued turn is BEGIN, UPDATE, INSERT, COMMIT (four round
-trips) and a load sends the session's columns again with every message row. Here a turn is
-ONE data-modifying statement, atomic on its own, so it runs in autocommit mode; a load is
-one row holding the window of messages as one array per column. Both go through
-SQLAlchemy's public `exec_driver_sql`, so the pool, disconnect handling and tracing are
-SQLAlchemy's as for every other statement. Listing, paging and deleting stay on Core, and
-rows written here read back identically there.
+Through Core a continued turn is BEGIN, UPDATE, INSERT, COMMIT (four round trips) and a load
+repeats the session's columns in every message row. Here a turn is one data-modifying
+statement, atomic on its own, and a load is one row holding the window of messages as one
+array per column. Both run on the asyncpg connection that SQLAlchemy's pool hands out
+(`AsyncConnection.get_raw_connection().driver_connection`): SQLAlchemy's statement
+execution costs more CPU than these two statements themselves (docs/performance.md). The
+pool, its size and its timeouts stay SQLAlchemy's; `driver_connection` says how a failure
+leaves the connection. Listing, paging and deleting stay on Core, and rows written here read
+back identically there.
 
-JSON columns are sent as text (``$n::text::json``, serialised by orjson) and read as text
-(``::text``, decoded by orjson), so no driver codec is involved, and Python None is stored as
-JSON ``null`` as SQLAlchemy's JSON type stores it.
+JSON columns travel as text (``$n::text::json`` out, ``::text`` back, orjson both ways), so
+no driver codec is involved; None is stored as JSON ``null``, as SQLAlchemy's JSON type does.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import text
 
 from app.domain import Message, SessionRecord, Turn
+from app.errors import DatabaseUnavailableError
 from app.storage.sql import SqlTurnRepository, busy
 from app.storage.turns import (
     next_history_digest,
@@ -56,14 +60,14 @@ LEFT JOIN LATERAL (
 ) AS h ON true
 WHERE s.id = $1
 """
-"""One row: the session, and its window of messages as one array per column. Sequence
-numbers are dense (1..message_count), so the window is an index range. The arrays are
-aggregated unordered with their seq numbers beside them and put in order here
-(`in_seq_order`): an `ORDER BY` inside each `array_agg` is a sort of its own per column."""
+"""One row: the session and its window of messages, one array per column. Sequence numbers
+are dense (1..message_count), so the window is an index range. The arrays come unordered,
+with their seq numbers, and `in_seq_order` sorts them: an `ORDER BY` inside each
+`array_agg` would be a sort per column."""
 
-# A turn is ONE statement: the session row (CTE `s`), then the messages, which join `s`:
-# if `s` wrote no row, no message is written either. It returns how many session rows it
-# wrote (0: another turn got there first). The messages come as one array per column.
+# A turn is one statement: the session row (CTE `s`), then the messages, which join `s`, so
+# no message is written unless `s` wrote its row. It returns how many session rows it wrote
+# (0: another turn got there first). The messages come as one array per column.
 
 INSERT_TURN = """WITH s AS (
     INSERT INTO sessions (id, owner, agent, message_count, history_digest, metadata,
@@ -126,17 +130,45 @@ def in_seq_order(seqs: list[int], columns: Sequence[list[Any]]) -> Sequence[list
 
 
 class PostgresTurnRepository(SqlTurnRepository):
+    @asynccontextmanager
+    async def driver_connection(self) -> AsyncIterator[Any]:
+        """A pooled asyncpg connection for one statement.
+
+        A connection the server closed under the statement (a restart, a terminated backend,
+        a network cut: whatever asyncpg calls the error) means the database is unavailable;
+        one `SELECT 1` through SQLAlchemy then lets its disconnect handling retire the
+        pool's other connections, which died with it. A connection left in an unknown state
+        (cancelled mid-statement, a protocol error) is invalidated, never reused. An error
+        the server reported about the statement leaves the connection usable.
+        """
+        async with reachable(), self.engine.connect() as conn:
+            pooled = await conn.get_raw_connection()
+            driver = pooled.driver_connection
+            try:
+                yield driver
+            except BaseException as exc:
+                if driver is None or driver.is_closed():
+                    await self._retire_pool(exc)
+                    raise DatabaseUnavailableError(repr(exc)[:300]) from exc
+                if not isinstance(exc, asyncpg.PostgresError):
+                    pooled.invalidate(exc)
+                raise
+
+    async def _retire_pool(self, cause: BaseException) -> None:
+        try:
+            async with self.engine.connect() as probe:
+                await probe.execute(text("SELECT 1"))
+        except Exception as exc:  # the probe failing is the point: SQLAlchemy saw the disconnect
+            exc.__context__ = cause
+
     async def load(
         self, session_id: uuid.UUID, *, with_history: bool = True
     ) -> SessionRecord | None:
-        async with reachable(), self.reader.connect() as conn:
+        async with self.driver_connection() as connection:
             if with_history:
-                result = await conn.exec_driver_sql(
-                    LOAD_WITH_HISTORY, (session_id, self.history_limit)
-                )
+                row = await connection.fetchrow(LOAD_WITH_HISTORY, session_id, self.history_limit)
             else:
-                result = await conn.exec_driver_sql(LOAD_SESSION, (session_id,))
-            row: Any = result.first()
+                row = await connection.fetchrow(LOAD_SESSION, session_id)
         if row is None:
             return None
         owner, agent, count, digest, metadata, created_at, updated_at = row[:7]
@@ -206,9 +238,9 @@ class PostgresTurnRepository(SqlTurnRepository):
             statement = UPDATE_TURN
             args = (turn.session_id, new_count, digest, now, turn.expected_count, *columns)
         try:
-            async with reachable(), self.reader.connect() as conn:
-                written = (await conn.exec_driver_sql(statement, args)).scalar_one()
-        except IntegrityError as exc:  # a concurrent writer took the same id or seq numbers
+            async with self.driver_connection() as connection:
+                written = await connection.fetchval(statement, *args)
+        except asyncpg.IntegrityConstraintViolationError as exc:  # same id or seq numbers
             raise busy(turn.session_id) from exc
         if written != 1:
             raise busy(turn.session_id)

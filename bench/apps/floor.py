@@ -5,14 +5,14 @@ one Postgres transaction inserting a session row and its two messages (asyncpg, 
 service's own migrated schema), one Redis SET, answer JSON (orjson). Nothing else: no
 validation, no agent, no limits, no metrics. The service's scenarios are compared with it.
 
-Configured by bench/run.py through the environment:
+Configured through the environment (bench/harness.py's `floor_server`):
 
     FLOOR_DATABASE_URL   postgresql://... (plain asyncpg DSN) of the migrated bench database
     FLOOR_REDIS_URL      redis://127.0.0.1:6379/0
     FLOOR_KEY_PREFIX     prefix of every Redis key (the bench run's own)
     FLOOR_DB_POOL_MIN / FLOOR_DB_POOL_MAX   asyncpg pool bounds (the service's pool_size and
                          pool_size + max_overflow)
-    FLOOR_REDIS_MAX_CONNECTIONS             the service's REDIS_MAX_CONNECTIONS
+    FLOOR_REDIS_MAX_CONNECTIONS             default 50, the service's REDIS_MAX_CONNECTIONS
     FLOOR_UPSTREAM_URL   optional: an OpenAI-compatible base URL (.../v1). A cache miss then
                          asks it for the answer (POST /chat/completions with the message,
                          aiohttp, orjson) before the transaction: the floor of scenario 4.
