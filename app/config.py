@@ -272,6 +272,10 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
     @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith("postgresql+asyncpg://")
+
+    @property
     def should_auto_migrate(self) -> bool:
         return self.is_sqlite if self.db_auto_migrate is None else self.db_auto_migrate
 

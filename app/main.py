@@ -20,6 +20,7 @@ from fastapi_offline import FastAPIOffline
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
+from sqlalchemy.engine import make_url
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
@@ -33,6 +34,7 @@ from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
 from app.runtime import build_runtime
 from app.services.health import Lifecycle
+from app.storage import PostgresTurnRepository, SqlTurnRepository
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +75,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     tracing: Tracing | None = app.state.tracing
     try:
         if tracing is not None:
-            tracing.start(runtime.turns.engine, runtime.gateway.clients)
+            turns = runtime.turns
+            tracing.start(
+                engine=turns.engine if isinstance(turns, SqlTurnRepository) else None,
+                asyncpg=isinstance(turns, PostgresTurnRepository),
+                http_clients=runtime.gateway.clients,
+            )
         logger.info(
             "agentserve ready",
             extra={
                 "agents": sorted(runtime.pools),
-                "database": runtime.turns.engine.url.render_as_string(hide_password=True),
+                "database": make_url(settings.database_url).render_as_string(hide_password=True),
                 "tracing": tracing is not None,
             },
         )

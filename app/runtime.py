@@ -25,8 +25,7 @@ from app.security.ratelimit import RateLimiter
 from app.services.health import Lifecycle, ReadinessService
 from app.services.query import ActiveTurns, QueryService
 from app.services.sessions import SessionService
-from app.storage import db, open_repository
-from app.storage.sql import SqlTurnRepository
+from app.storage import PostgresTurnRepository, SqlTurnRepository, db, open_repository
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class Runtime:
     """Everything built; routes see only `state`, the rest is for start-up and tests."""
 
     state: AppState
-    turns: SqlTurnRepository
+    turns: PostgresTurnRepository | SqlTurnRepository
     gateway: LLMGateway
     pools: dict[str, AgentPool[Agent]]
     cache: ResponseCache | None
@@ -98,7 +97,7 @@ async def build_runtime(settings: Settings, metrics: Metrics, lifecycle: Lifecyc
     if settings.should_auto_migrate:
         await db.migrate(settings.database_url)
     async with AsyncExitStack() as resources:
-        turns = open_repository(settings)
+        turns = await open_repository(settings)
         resources.push_async_callback(turns.aclose)
         gateway = LLMGateway(
             settings, observer=metrics, on_breaker_change=metrics.on_breaker_change
@@ -152,6 +151,9 @@ async def build_runtime(settings: Settings, metrics: Metrics, lifecycle: Lifecyc
             fingerprints=fingerprints,
             default_cache_ttl=settings.cache_ttl_seconds,
             session_max_messages=settings.session_max_messages,
+            max_message_chars=settings.max_message_chars,
+            max_metadata_bytes=settings.max_metadata_bytes,
+            deadline=settings.request_timeout,
             on_turn_saved=metrics.on_turn_saved,
         )
         readiness = ReadinessService(

@@ -5,8 +5,7 @@ FastAPI runs a plain `def` dependency in the threadpool, two thread hops for a l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Annotated, TypedDict
 
 from fastapi import Depends, Request, Response, Security
@@ -33,11 +32,6 @@ class AppState(TypedDict):
     verifier: JWTVerifier
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.state.settings
-    return settings
-
-
 async def get_query_service(request: Request) -> QueryService:
     service: QueryService = request.state.query_service
     return service
@@ -53,7 +47,6 @@ async def get_readiness(request: Request) -> ReadinessService:
     return readiness
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueryServiceDep = Annotated[QueryService, Depends(get_query_service)]
 SessionServiceDep = Annotated[SessionService, Depends(get_session_service)]
 ReadinessDep = Annotated[ReadinessService, Depends(get_readiness)]
@@ -76,69 +69,93 @@ async def require_principal(
     return await verifier.authenticate(request.headers.get("authorization"))
 
 
-async def client_ip(request: Request) -> str:
+def client_ip(request: Request) -> str:
     """The peer address; X-Forwarded-For is honoured only from FORWARDED_ALLOW_IPS, by the
     proxy-headers middleware that rewrites the peer before this runs."""
     return request.client.host if request.client else "unknown"
 
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
-ClientIPDep = Annotated[str, Depends(client_ip)]
 
 # --- limits per caller ----------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def admitted(
-    request: Request, response: Response, scope: str, identity: str, rate: str, slots: int
-) -> AsyncIterator[None]:
-    """Count the request and hold a concurrency slot (`slots` > 0) for the body of the
-    block; the RateLimit-* headers go on the response, and a refusal is counted by route."""
+def count_refusal(request: Request, exc: RateLimitExceeded) -> RateLimitExceeded:
+    route = request.scope.get("route")
+    template = getattr(route, "path", "unmatched")  # the template, not the raw path
+    metrics: Metrics = request.state.metrics
+    metrics.rate_limited.labels(template, exc.kind).inc()
+    return exc
+
+
+class Admission:
+    """One query's admission, entered by the route around its work: entering counts the
+    request and takes a concurrency slot (429 + RateLimit-* when refused, counted by route);
+    leaving gives the slot back. The headers go on the response.
+
+    A plain dependency rather than one with `yield`: the route holds the slot exactly as
+    long as its work runs, without the per-request exit stack a yield dependency costs.
+    The admission dependencies read the settings from the request's state themselves:
+    every dependency FastAPI resolves costs a request about as much as a Redis round trip.
+    """
+
+    def __init__(
+        self, request: Request, response: Response, scope: str, identity: str, rate: str, slots: int
+    ) -> None:
+        limiter: RateLimiter = request.state.limiter
+        self.request = request
+        self.response = response
+        self.held = limiter.admit(scope, identity, rate, slots)
+
+    async def __aenter__(self) -> None:
+        try:
+            state = await self.held.__aenter__()
+        except RateLimitExceeded as exc:
+            raise count_refusal(self.request, exc) from None
+        self.response.headers.update(rate_limit_headers(state))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.held.__aexit__(exc_type, exc, traceback)
+
+
+async def anonymous_admission(request: Request, response: Response) -> Admission:
+    """/query: per client IP."""
+    settings: Settings = request.state.settings
+    rate, slots = settings.rate_limit_query, settings.concurrency_limit_query
+    return Admission(request, response, "query", client_ip(request), rate, slots)
+
+
+async def subject_admission(
+    request: Request, response: Response, principal: PrincipalDep
+) -> Admission:
+    """/secure-query: per token subject."""
+    settings: Settings = request.state.settings
+    return Admission(
+        request,
+        response,
+        "secure-query",
+        principal.subject,
+        settings.rate_limit_secure_query,
+        settings.concurrency_limit_secure_query,
+    )
+
+
+async def limit_sessions(request: Request, response: Response, principal: PrincipalDep) -> None:
+    """/sessions: the subject's request rate (no slot: each call is short)."""
+    settings: Settings = request.state.settings
     limiter: RateLimiter = request.state.limiter
     try:
-        if slots:
-            async with limiter.admit(scope, identity, rate, slots) as state:
-                response.headers.update(rate_limit_headers(state))
-                yield
-        else:
-            state = await limiter.hit(scope, identity, rate)
-            response.headers.update(rate_limit_headers(state))
-            yield
+        state = await limiter.hit("sessions", principal.subject, settings.rate_limit_secure_query)
     except RateLimitExceeded as exc:
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")  # the template, not the raw path
-        metrics: Metrics = request.state.metrics
-        metrics.rate_limited.labels(template, exc.kind).inc()
-        raise
+        raise count_refusal(request, exc) from None
+    response.headers.update(rate_limit_headers(state))
 
 
-async def limit_anonymous(
-    request: Request, response: Response, ip: ClientIPDep, settings: SettingsDep
-) -> AsyncIterator[None]:
-    """/query: per client IP; the slot is held until the response has been sent."""
-    rate, slots = settings.rate_limit_query, settings.concurrency_limit_query
-    async with admitted(request, response, "query", ip, rate, slots):
-        yield
-
-
-async def limit_subject(
-    request: Request, response: Response, principal: PrincipalDep, settings: SettingsDep
-) -> AsyncIterator[None]:
-    """/secure-query: per token subject; the slot is held until the response has been sent."""
-    rate, slots = settings.rate_limit_secure_query, settings.concurrency_limit_secure_query
-    async with admitted(request, response, "secure-query", principal.subject, rate, slots):
-        yield
-
-
-async def limit_sessions(
-    request: Request, response: Response, principal: PrincipalDep, settings: SettingsDep
-) -> AsyncIterator[None]:
-    """/sessions: the subject's request rate (no slot: each call is short)."""
-    rate = settings.rate_limit_secure_query
-    async with admitted(request, response, "sessions", principal.subject, rate, 0):
-        yield
-
-
-AnonymousLimit = Depends(limit_anonymous, scope="request")
-SubjectLimit = Depends(limit_subject, scope="request")
-SessionsLimit = Depends(limit_sessions, scope="request")
+AnonymousAdmissionDep = Annotated[Admission, Depends(anonymous_admission)]
+SubjectAdmissionDep = Annotated[Admission, Depends(subject_admission)]
+SessionsLimit = Depends(limit_sessions)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
-import orjson
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 
 from app.api.deps import (
-    AnonymousLimit,
+    AnonymousAdmissionDep,
     PrincipalDep,
     QueryServiceDep,
-    SettingsDep,
-    SubjectLimit,
+    SubjectAdmissionDep,
 )
 from app.api.errors import AUTH_ERRORS, documented_errors
 from app.api.schemas import (
@@ -23,8 +20,6 @@ from app.api.schemas import (
     QueryRequest,
     QueryResponse,
 )
-from app.config import Settings
-from app.errors import DeadlineExceededError, InvalidRequestError
 from app.services.query import CachePolicy, QueryInput, QueryService
 
 QUERY_ERRORS = {
@@ -39,13 +34,20 @@ QUERY_ERRORS = {
 ERROR_RESPONSES = documented_errors(QUERY_ERRORS)
 SECURE_ERROR_RESPONSES = documented_errors({**QUERY_ERRORS, **AUTH_ERRORS})
 
-CacheControl = Annotated[
-    str | None,
-    Header(
-        description="`no-cache` (or `max-age=0`, or `Pragma: no-cache`) skips the cache "
-        "lookup, `no-store` skips storing."
-    ),
-]
+CACHE_CONTROL = {
+    "parameters": [
+        {
+            "name": "Cache-Control",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "`no-cache` (or `max-age=0`, or `Pragma: no-cache`) skips the cache "
+            "lookup, `no-store` skips storing.",
+        }
+    ]
+}
+"""Documented here rather than declared as a parameter: `cache_directives` reads every
+Cache-Control and Pragma line itself, and a declared header costs each request its parsing."""
 QueryBody = Annotated[QueryRequest, Body(openapi_examples=QUERY_EXAMPLES)]
 
 
@@ -60,19 +62,6 @@ def cache_directives(request: Request) -> set[str]:
     return directives
 
 
-def check_limits(body: QueryRequest, settings: Settings) -> None:
-    """The limits that come from settings (the schema checks the rest)."""
-    if len(body.message) > settings.max_message_chars:
-        raise InvalidRequestError(
-            f"message: at most {settings.max_message_chars} characters are allowed "
-            f"(got {len(body.message)})"
-        )
-    if body.metadata and len(orjson.dumps(body.metadata)) > settings.max_metadata_bytes:
-        raise InvalidRequestError(
-            f"metadata: at most {settings.max_metadata_bytes} bytes of JSON are allowed"
-        )
-
-
 def cache_policy(body: QueryRequest, directives: set[str]) -> CachePolicy:
     options = body.cache
     return CachePolicy(
@@ -84,7 +73,6 @@ def cache_policy(body: QueryRequest, directives: set[str]) -> CachePolicy:
 
 async def answer(
     service: QueryService,
-    settings: Settings,
     body: QueryRequest,
     request: Request,
     response: Response,
@@ -92,7 +80,6 @@ async def answer(
     owner: str | None = None,
     allowed_agents: frozenset[str] | None = None,
 ) -> QueryResponse:
-    check_limits(body, settings)
     request_id = correlation_id.get() or "-"
     query = QueryInput(
         message=body.message,
@@ -104,16 +91,7 @@ async def answer(
         request_id=request_id,
         cache=cache_policy(body, cache_directives(request)),
     )
-    try:
-        async with asyncio.timeout(settings.request_timeout) as deadline:
-            output = await service.answer(query)
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise DeadlineExceededError(
-            f"the request did not finish within {settings.request_timeout:g}s; the turn "
-            "was not completed"
-        ) from None
+    output = await service.answer(query)
     response.headers["X-Cache"] = "HIT" if output.cached else "MISS"
     return QueryResponse.from_output(output, request_id)
 
@@ -125,19 +103,19 @@ router = APIRouter(tags=["query"])
     "/query",
     responses={200: {"headers": QUERY_HEADERS}, **ERROR_RESPONSES},
     summary="Ask an agent (anonymous)",
-    dependencies=[AnonymousLimit],
+    openapi_extra=CACHE_CONTROL,
 )
 async def query(
     body: QueryBody,
     service: QueryServiceDep,
-    settings: SettingsDep,
+    admission: AnonymousAdmissionDep,
     request: Request,
     response: Response,
-    cache_control: CacheControl = None,
 ) -> QueryResponse:
     """Send a message to an agent. Omit `session_id` to start a conversation; pass the
     returned `session_id` to continue it. Limited per client IP."""
-    return await answer(service, settings, body, request, response)
+    async with admission:
+        return await answer(service, body, request, response)
 
 
 secure_router = APIRouter(tags=["query"])
@@ -147,25 +125,24 @@ secure_router = APIRouter(tags=["query"])
     "/secure-query",
     responses={200: {"headers": QUERY_HEADERS}, **SECURE_ERROR_RESPONSES},
     summary="Ask an agent as the token's subject",
-    dependencies=[SubjectLimit],
+    openapi_extra=CACHE_CONTROL,
 )
 async def secure_query(
     body: QueryBody,
     service: QueryServiceDep,
-    settings: SettingsDep,
     principal: PrincipalDep,
+    admission: SubjectAdmissionDep,
     request: Request,
     response: Response,
-    cache_control: CacheControl = None,
 ) -> QueryResponse:
     """Same body as /query. Sessions started here belong to the token's `sub`: nobody else
     (and no anonymous /query) can read or continue them. Limited per subject."""
-    return await answer(
-        service,
-        settings,
-        body,
-        request,
-        response,
-        owner=principal.subject,
-        allowed_agents=principal.agents,
-    )
+    async with admission:
+        return await answer(
+            service,
+            body,
+            request,
+            response,
+            owner=principal.subject,
+            allowed_agents=principal.agents,
+        )

@@ -15,8 +15,9 @@ the `TracerScope` middleware puts the tracer in a ContextVar for each request, a
 started inside the request copy it. Not a module global, which two apps would share; not set
 in the lifespan, which runs in a task whose context requests never see.
 
-**Libraries.** `Tracing.start` instruments httpx, Redis and SQLAlchemy. Their patches are
-process-wide (so they reach clients built inside components, like the JWKS fetcher's), and
+**Libraries.** `Tracing.start` instruments httpx, Redis and the database driver (asyncpg,
+or SQLAlchemy). Their patches are process-wide (so they reach clients built inside
+components, like the JWKS fetcher's), and
 `Tracing.shutdown` removes those this app applied. One traced app per process is the design:
 a second one leaves the first one's patches alone, so its httpx and Redis spans go to the
 first app's provider and its SQL is not traced.
@@ -245,9 +246,16 @@ class Tracing:
             exclude_spans=["receive", "send"],
         )
 
-    def start(self, engine: AsyncEngine, http_clients: Sequence[httpx.AsyncClient] = ()) -> None:
+    def start(
+        self,
+        *,
+        engine: AsyncEngine | None = None,
+        asyncpg: bool = False,
+        http_clients: Sequence[httpx.AsyncClient] = (),
+    ) -> None:
         """In the lifespan: span processors, then httpx (the upstream clients, whose
-        transport is the app's own, and every stock httpx client), SQLAlchemy and Redis."""
+        transport is the app's own, and every stock httpx client), the database driver the
+        storage runs on (SQLAlchemy's `engine`, or asyncpg) and Redis."""
         if self._span_exporter is not None:
             self._add_processor(SimpleSpanProcessor(self._span_exporter))
         if self.otlp_endpoint is not None:
@@ -257,15 +265,23 @@ class Tracing:
             self._add_processor(BatchSpanProcessor(exporter))
 
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
         self._instrument(HTTPXClientInstrumentor())
         for client in http_clients:
             HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
             self._clients.append(client)
-        # The instrumentor pins sqlalchemy < 2.1 but works with 2.1 (the integration test
-        # checks its spans), so its version check is skipped.
-        self._instrument(SQLAlchemyInstrumentor(), engine=engine.sync_engine, skip_dep_check=True)
+        if engine is not None:
+            from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+            # The instrumentor pins sqlalchemy < 2.1 but works with 2.1 (the integration
+            # test checks its spans), so its version check is skipped.
+            self._instrument(
+                SQLAlchemyInstrumentor(), engine=engine.sync_engine, skip_dep_check=True
+            )
+        if asyncpg:
+            from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+            self._instrument(AsyncPGInstrumentor())  # type: ignore[no-untyped-call]
         if self._redis:
             from opentelemetry.instrumentation.redis import RedisInstrumentor
 

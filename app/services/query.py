@@ -8,6 +8,7 @@ still writes the turn, so the stored conversation is always complete.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -26,6 +27,8 @@ from app.errors import (
     AgentForbiddenError,
     AgentMismatchError,
     AgentNotFoundError,
+    DeadlineExceededError,
+    InvalidRequestError,
     SessionBusyError,
     SessionFullError,
     SessionNotFoundError,
@@ -142,6 +145,9 @@ class QueryService:
         fingerprints: dict[str, str],
         default_cache_ttl: int,
         session_max_messages: int,
+        max_message_chars: int,
+        max_metadata_bytes: int,
+        deadline: float,
         on_turn_saved: Callable[[str, list[StepRecord], bool], None] | None = None,
     ) -> None:
         self._turns = turns
@@ -153,6 +159,9 @@ class QueryService:
         self._default_model = default_model
         self._default_cache_ttl = default_cache_ttl
         self._session_max_messages = session_max_messages
+        self._max_message_chars = max_message_chars
+        self._max_metadata_bytes = max_metadata_bytes
+        self._deadline = deadline
         self._fingerprints = fingerprints
         self._on_turn_saved = on_turn_saved
 
@@ -172,7 +181,33 @@ class QueryService:
             raise AgentForbiddenError(f"this token may not use agent {name!r}")
         return spec
 
+    def check(self, query: QueryInput) -> None:
+        """The configured limits on what a caller may send (the API's schema checks the
+        rest); InvalidRequestError names the one exceeded."""
+        if len(query.message) > self._max_message_chars:
+            raise InvalidRequestError(
+                f"message: at most {self._max_message_chars} characters are allowed "
+                f"(got {len(query.message)})"
+            )
+        if query.metadata and len(orjson.dumps(query.metadata)) > self._max_metadata_bytes:
+            raise InvalidRequestError(
+                f"metadata: at most {self._max_metadata_bytes} bytes of JSON are allowed"
+            )
+
     async def answer(self, query: QueryInput) -> QueryOutput:
+        """One turn within the request deadline (DeadlineExceededError: nothing stored)."""
+        self.check(query)
+        try:
+            async with asyncio.timeout(self._deadline) as deadline:
+                return await self._answer(query)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise DeadlineExceededError(
+                f"the request did not finish within {self._deadline:g}s; the turn was not completed"
+            ) from None
+
+    async def _answer(self, query: QueryInput) -> QueryOutput:
         started = time.perf_counter()
         if query.session_id is None:
             spec = self.spec(query.agent, query.allowed_agents)

@@ -8,13 +8,11 @@ from app.storage.postgres import PostgresTurnRepository
 from app.storage.sql import SqlTurnRepository
 from app.storage.turns import TurnRepository
 
-__all__ = ["SqlTurnRepository", "TurnRepository", "open_repository"]
+__all__ = ["PostgresTurnRepository", "SqlTurnRepository", "TurnRepository", "open_repository"]
 
 
-def open_repository(settings: Settings) -> SqlTurnRepository:
-    """Postgres (asyncpg) gets its one-statement turns; every other database, Core's."""
-    engine = create_engine(settings)
-    limit = settings.history_max_messages
-    if engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg":
-        return PostgresTurnRepository(engine, history_limit=limit)
-    return SqlTurnRepository(engine, history_limit=limit)
+async def open_repository(settings: Settings) -> PostgresTurnRepository | SqlTurnRepository:
+    """Postgres gets its own asyncpg repository; every other database, SQLAlchemy Core's."""
+    if settings.is_postgres:
+        return await PostgresTurnRepository.open(settings)
+    return SqlTurnRepository(create_engine(settings), history_limit=settings.history_max_messages)

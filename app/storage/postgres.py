@@ -1,38 +1,45 @@
-"""The turn repository on Postgres: the two calls of every turn in one statement each.
+"""The turn repository on Postgres, on an asyncpg pool of its own.
 
-Through Core a continued turn is BEGIN, UPDATE, INSERT, COMMIT (four round trips) and a load
-repeats the session's columns in every message row. Here a turn is one data-modifying
-statement, atomic on its own, and a load is one row holding the window of messages as one
-array per column. Both run on the asyncpg connection that SQLAlchemy's pool hands out
-(`AsyncConnection.get_raw_connection().driver_connection`): SQLAlchemy's statement
-execution costs more CPU than these two statements themselves (docs/performance.md). The
-pool, its size and its timeouts stay SQLAlchemy's; `driver_connection` says how a failure
-leaves the connection. Listing, paging and deleting stay on Core, and rows written here read
-back identically there.
+Why not SQLAlchemy here: on Postgres every turn is two statements (load, save), and running
+them through SQLAlchemy's async engine costs more CPU than the statements themselves (a
+greenlet switch per call, statement and result processing; docs/performance.md). asyncpg's
+own pool and prepared-statement cache serve them directly. The SQL is small and written out
+below; SQLite and other databases use `SqlTurnRepository` (Core). Both read and write the
+same schema, which Alembic owns, and rows written by one read back identically through the
+other.
 
-JSON columns travel as text (``$n::text::json`` out, ``::text`` back, orjson both ways), so
-no driver codec is involved; None is stored as JSON ``null``, as SQLAlchemy's JSON type does.
+A continued turn is ONE data-modifying statement (atomic on its own, so no BEGIN/COMMIT),
+and a load is one row holding the window of messages as one array per column. JSON columns
+travel as text (``$n::text::json`` out, ``::text`` back, orjson both ways); None is stored
+as JSON ``null``, as SQLAlchemy's JSON type stores it.
+
+Failures: a statement that fails because its connection broke (a restart, a terminated
+backend, a network cut: whatever asyncpg calls the error) means the database is unavailable,
+and the pool's other connections, which likely died with it, are expired so the next calls
+reconnect. A cancelled statement is cancelled on the server too (asyncpg sends the cancel
+request), so a turn cut short commits nothing. An error the server reported about the
+statement leaves the connection usable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
-from app.domain import Message, SessionRecord, Turn
-from app.errors import DatabaseUnavailableError
-from app.storage.sql import SqlTurnRepository, busy
+from app.config import Settings
+from app.domain import Message, MessageRecord, SessionRecord, Turn
+from app.errors import DatabaseUnavailableError, SessionBusyError
 from app.storage.turns import (
+    is_unavailable,
     next_history_digest,
-    reachable,
     storable_text,
     trim_history,
     wire_message,
@@ -60,14 +67,14 @@ LEFT JOIN LATERAL (
 ) AS h ON true
 WHERE s.id = $1
 """
-"""One row: the session and its window of messages, one array per column. Sequence numbers
-are dense (1..message_count), so the window is an index range. The arrays come unordered,
-with their seq numbers, and `in_seq_order` sorts them: an `ORDER BY` inside each
-`array_agg` would be a sort per column."""
+"""One row: the session, and its window of messages as one array per column. Sequence
+numbers are dense (1..message_count), so the window is an index range. The arrays are
+aggregated unordered with their seq numbers beside them and put in order here
+(`in_seq_order`): an `ORDER BY` inside each `array_agg` is a sort of its own per column."""
 
-# A turn is one statement: the session row (CTE `s`), then the messages, which join `s`, so
-# no message is written unless `s` wrote its row. It returns how many session rows it wrote
-# (0: another turn got there first). The messages come as one array per column.
+# A turn is ONE statement: the session row (CTE `s`), then the messages, which join `s`:
+# if `s` wrote no row, no message is written either. It returns how many session rows it
+# wrote (0: another turn got there first). The messages come as one array per column.
 
 INSERT_TURN = """WITH s AS (
     INSERT INTO sessions (id, owner, agent, message_count, history_digest, metadata,
@@ -108,6 +115,32 @@ SELECT count(*) FROM s
 """
 """A continuation: optimistic concurrency on message_count, the session's version."""
 
+LIST_SESSIONS = """SELECT id, owner, agent, message_count, history_digest, metadata::text,
+       created_at, updated_at
+FROM sessions
+WHERE owner = $1
+ORDER BY updated_at DESC, id
+LIMIT $2 OFFSET $3
+"""
+
+MESSAGES = """SELECT seq, role, content, tool_calls::text, tool_call_id, name, prompt_tokens,
+       completion_tokens, request_id, created_at
+FROM messages
+WHERE session_id = $1
+ORDER BY seq
+LIMIT $2 OFFSET $3
+"""
+
+DELETE_SESSION = "DELETE FROM sessions WHERE id = $1"
+"""Its messages go with it (ON DELETE CASCADE), in the same statement."""
+
+SCHEMA_REVISION = "SELECT version_num FROM alembic_version"
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """The SQLAlchemy URL (`postgresql+asyncpg://...`) as the DSN asyncpg takes."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
 
 def json_text(value: Any) -> str:
     """JSON text as SQLAlchemy's JSON type would store it (None is JSON null)."""
@@ -129,66 +162,101 @@ def in_seq_order(seqs: list[int], columns: Sequence[list[Any]]) -> Sequence[list
     return [[column[index] for index in order] for column in columns]
 
 
-class PostgresTurnRepository(SqlTurnRepository):
-    @asynccontextmanager
-    async def driver_connection(self) -> AsyncIterator[Any]:
-        """A pooled asyncpg connection for one statement.
+def is_server_failure(exc: Exception) -> bool:
+    """asyncpg's errors about the connection, and what `is_unavailable` says of the rest."""
+    return isinstance(exc, asyncpg.InterfaceError | asyncpg.PostgresConnectionError) or (
+        is_unavailable(exc)
+    )
 
-        A connection the server closed under the statement (a restart, a terminated backend,
-        a network cut: whatever asyncpg calls the error) means the database is unavailable;
-        one `SELECT 1` through SQLAlchemy then lets its disconnect handling retire the
-        pool's other connections, which died with it. A connection left in an unknown state
-        (cancelled mid-statement, a protocol error) is invalidated, never reused. An error
-        the server reported about the statement leaves the connection usable.
-        """
-        async with reachable(), self.engine.connect() as conn:
-            pooled = await conn.get_raw_connection()
-            driver = pooled.driver_connection
-            try:
-                yield driver
-            except BaseException as exc:
-                if driver is None or driver.is_closed():
-                    await self._retire_pool(exc)
-                    raise DatabaseUnavailableError(repr(exc)[:300]) from exc
-                if not isinstance(exc, asyncpg.PostgresError):
-                    pooled.invalidate(exc)
-                raise
 
-    async def _retire_pool(self, cause: BaseException) -> None:
+def busy(session_id: uuid.UUID) -> SessionBusyError:
+    return SessionBusyError(f"session {session_id} was written by another turn meanwhile")
+
+
+def session_record(session_id: uuid.UUID, row: Sequence[Any]) -> SessionRecord:
+    owner, agent, count, digest, metadata, created_at, updated_at = row[:7]
+    return SessionRecord(
+        id=session_id,
+        owner=owner,
+        agent=agent,
+        message_count=count,
+        history_digest=digest,
+        metadata=(orjson.loads(metadata) if metadata is not None else None) or {},
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+async def no_reset(_connection: asyncpg.Connection) -> None:
+    """A connection goes back to the pool after one autocommit statement that sets no
+    session state, so asyncpg's reset query (a round trip per release) has nothing to do."""
+
+
+class PostgresTurnRepository:
+    def __init__(self, pool: asyncpg.Pool, *, history_limit: int, acquire_timeout: float) -> None:
+        self.pool = pool
+        self.history_limit = history_limit
+        self.acquire_timeout = acquire_timeout
+
+    @classmethod
+    async def open(cls, settings: Settings) -> PostgresTurnRepository:
+        """A pool of DB_POOL_SIZE + DB_MAX_OVERFLOW connections, opened lazily (the service
+        starts, and reports not ready, while the database is down)."""
+        pool = await asyncpg.create_pool(
+            asyncpg_dsn(settings.database_url),
+            min_size=0,
+            max_size=settings.db_pool_size + settings.db_max_overflow,
+            max_inactive_connection_lifetime=300.0,
+            timeout=settings.db_pool_timeout,  # connecting
+            reset=no_reset,
+        )
+        return cls(
+            pool,
+            history_limit=settings.history_max_messages,
+            acquire_timeout=settings.db_pool_timeout,
+        )
+
+    async def _run(self, method: str, query: str, *args: Any) -> Any:
+        """One statement on a pooled connection (`fetchrow`, `fetch`, `fetchval`,
+        `execute`), with the failure policy of the module docstring."""
         try:
-            async with self.engine.connect() as probe:
-                await probe.execute(text("SELECT 1"))
-        except Exception as exc:  # the probe failing is the point: SQLAlchemy saw the disconnect
-            exc.__context__ = cause
+            # asyncio.timeout rather than acquire(timeout=): that one runs a task per call
+            async with asyncio.timeout(self.acquire_timeout):
+                connection = await self.pool.acquire()
+        except TimeoutError as exc:
+            raise DatabaseUnavailableError("no pooled database connection in time") from exc
+        except Exception as exc:  # a connect that failed: a bad password stays what it is
+            if is_server_failure(exc):
+                raise DatabaseUnavailableError(repr(exc)[:300]) from exc
+            raise
+        try:
+            return await getattr(connection, method)(query, *args)
+        except Exception as exc:
+            if is_server_failure(exc):
+                await self.pool.expire_connections()
+                raise DatabaseUnavailableError(repr(exc)[:300]) from exc
+            raise
+        finally:
+            await self.pool.release(connection)
 
     async def load(
         self, session_id: uuid.UUID, *, with_history: bool = True
     ) -> SessionRecord | None:
-        async with self.driver_connection() as connection:
-            if with_history:
-                row = await connection.fetchrow(LOAD_WITH_HISTORY, session_id, self.history_limit)
-            else:
-                row = await connection.fetchrow(LOAD_SESSION, session_id)
+        if not with_history:
+            row = await self._run("fetchrow", LOAD_SESSION, session_id)
+            return None if row is None else session_record(session_id, row)
+        row = await self._run("fetchrow", LOAD_WITH_HISTORY, session_id, self.history_limit)
         if row is None:
             return None
-        owner, agent, count, digest, metadata, created_at, updated_at = row[:7]
-        history: list[Message] = []
-        if with_history and row[7] is not None:  # None: no message in the window
+        record = session_record(session_id, row)
+        if row[7] is not None:  # None: no message in the window
+            history: list[Message] = []
             columns = in_seq_order(row[7], row[8:])
             for role, content, tool_calls, tool_call_id, name in zip(*columns, strict=True):
                 calls = orjson.loads(tool_calls) if tool_calls is not None else None
                 history.append(wire_message(role, content, calls, tool_call_id, name))
-        return SessionRecord(
-            id=session_id,
-            owner=owner,
-            agent=agent,
-            message_count=count,
-            history_digest=digest,
-            metadata=(orjson.loads(metadata) if metadata is not None else None) or {},
-            created_at=created_at,
-            updated_at=updated_at,
-            history=trim_history(history),
-        )
+            record.history = trim_history(history)
+        return record
 
     async def save_turn(self, turn: Turn) -> None:
         """The whole turn in one statement (one round trip), or nothing (SessionBusyError)."""
@@ -238,9 +306,57 @@ class PostgresTurnRepository(SqlTurnRepository):
             statement = UPDATE_TURN
             args = (turn.session_id, new_count, digest, now, turn.expected_count, *columns)
         try:
-            async with self.driver_connection() as connection:
-                written = await connection.fetchval(statement, *args)
+            written = await self._run("fetchval", statement, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:  # same id or seq numbers
             raise busy(turn.session_id) from exc
         if written != 1:
             raise busy(turn.session_id)
+
+    async def list_sessions(self, owner: str, *, limit: int, offset: int) -> list[SessionRecord]:
+        rows = await self._run("fetch", LIST_SESSIONS, owner, limit, offset)
+        return [session_record(row[0], row[1:]) for row in rows]
+
+    async def messages(
+        self, session_id: uuid.UUID, *, limit: int, offset: int
+    ) -> list[MessageRecord]:
+        rows = await self._run("fetch", MESSAGES, session_id, limit, offset)
+        return [
+            MessageRecord(
+                seq=seq,
+                role=role,
+                content=content,
+                tool_calls=orjson.loads(tool_calls) if tool_calls is not None else None,
+                tool_call_id=tool_call_id,
+                name=name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                request_id=request_id,
+                created_at=created_at,
+            )
+            for (
+                seq,
+                role,
+                content,
+                tool_calls,
+                tool_call_id,
+                name,
+                prompt_tokens,
+                completion_tokens,
+                request_id,
+                created_at,
+            ) in rows
+        ]
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        status: str = await self._run("execute", DELETE_SESSION, session_id)
+        return status != "DELETE 0"
+
+    async def schema_revision(self) -> str | None:
+        try:
+            revision: str | None = await self._run("fetchval", SCHEMA_REVISION)
+        except asyncpg.UndefinedTableError:  # nothing migrated yet
+            return None
+        return revision
+
+    async def aclose(self) -> None:
+        await self.pool.close()

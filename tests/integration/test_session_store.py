@@ -4,30 +4,31 @@ turns, bounded history, no interleaving."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from app.domain import StoredMessage, Turn
 from app.errors import SessionBusyError
-from app.storage import SqlTurnRepository, open_repository
+from app.storage import PostgresTurnRepository, SqlTurnRepository, open_repository
 from app.storage.turns import is_unavailable
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
 
 
-Repositories = Callable[[int], SqlTurnRepository]
+Repository = PostgresTurnRepository | SqlTurnRepository
+Repositories = Callable[[int], Awaitable[Repository]]
 
 
 @pytest.fixture
 async def repositories(database_url: str) -> AsyncIterator[Repositories]:
-    """`repositories(history_limit)`: the database's repository, closed after the test."""
-    opened: list[SqlTurnRepository] = []
+    """`await repositories(history_limit)`: the database's repository, closed afterwards."""
+    opened: list[Repository] = []
 
-    def make(history_limit: int) -> SqlTurnRepository:
+    async def make(history_limit: int) -> Repository:
         settings = make_settings(database_url=database_url, history_max_messages=history_limit)
-        opened.append(open_repository(settings))
+        opened.append(await open_repository(settings))
         return opened[-1]
 
     yield make
@@ -55,7 +56,7 @@ def turn(
 
 
 async def test_history_is_bounded_and_starts_at_a_user_message(repositories: Repositories) -> None:
-    store = repositories(5)
+    store = await repositories(5)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     count = 2
@@ -71,7 +72,7 @@ async def test_history_is_bounded_and_starts_at_a_user_message(repositories: Rep
 
 
 async def test_a_stale_turn_is_refused_and_writes_nothing(repositories: Repositories) -> None:
-    store = repositories(50)
+    store = await repositories(50)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     await store.save_turn(turn(sid, 2, "q1", "a1"))
@@ -84,7 +85,7 @@ async def test_a_stale_turn_is_refused_and_writes_nothing(repositories: Reposito
 
 
 async def test_a_new_session_with_a_taken_id_is_refused(repositories: Repositories) -> None:
-    store = repositories(50)
+    store = await repositories(50)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     with pytest.raises(SessionBusyError):
@@ -93,7 +94,7 @@ async def test_a_new_session_with_a_taken_id_is_refused(repositories: Repositori
 
 
 async def test_tool_messages_round_trip(repositories: Repositories) -> None:
-    store = repositories(50)
+    store = await repositories(50)
     sid = uuid.uuid4()
     call = {
         "id": "call_1",
@@ -130,7 +131,7 @@ async def test_tool_messages_round_trip(repositories: Repositories) -> None:
 
 
 async def test_delete_removes_session_and_messages(repositories: Repositories) -> None:
-    store = repositories(50)
+    store = await repositories(50)
     sid = uuid.uuid4()
     await store.save_turn(turn(sid, 0, "q0", "a0", is_new=True))
     assert await store.delete(sid) is True
@@ -140,7 +141,7 @@ async def test_delete_removes_session_and_messages(repositories: Repositories) -
 
 
 async def test_history_digest_names_the_whole_conversation(repositories: Repositories) -> None:
-    store = repositories(2)
+    store = await repositories(2)
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for sid, first in ((a, "same"), (b, "same"), (c, "different")):
         await store.save_turn(turn(sid, 0, first, "answer", is_new=True))
@@ -162,7 +163,7 @@ async def test_history_digest_names_the_whole_conversation(repositories: Reposit
 
 async def test_what_a_model_may_send_is_stored(repositories: Repositories) -> None:
     """Tool names and ids of any length, and NUL characters, never fail the write."""
-    store = repositories(50)
+    store = await repositories(50)
     sid = uuid.uuid4()
     name = "n" * 300
     call_id = "c" * 300
