@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         20.0, ge=0, description="How long in-flight requests may finish after SIGTERM."
     )
+    sse_ping_seconds: float = Field(
+        15.0, gt=0, description="A `: ping` comment this often on a stream, for proxies."
+    )
     shutdown_delay_seconds: float = Field(
         0.0,
         ge=0,

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import __version__
-from app.api import ops, query, sessions
+from app.api import openai, ops, query, sessions
 from app.api.deps import AppState
 from app.api.errors import install_error_handlers
 from app.api.middleware import DocsContentPolicy, RequestEnvelope
@@ -131,10 +131,12 @@ def create_app(
         app.state.tracing.instrument_app(app)
 
     install_error_handlers(app)
+    openai.install_error_handlers(app)  # /v1 answers errors in OpenAI's shape
     if settings.anonymous_query_enabled:
         app.include_router(query.router)
     app.include_router(query.secure_router)
     app.include_router(sessions.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
 
     # Inside the metrics and request-id middleware, so 413s and 500s are counted and carry

@@ -792,19 +792,19 @@ def service_server(res: RunResources, settings: dict[str, str], name: str = "ser
     return Server(name, argv, env, port, res.tmp, res.tmp / f"{name}.log")
 
 
-def simulator_server(res: RunResources, latency_ms: float) -> Server:
+def simulator_server(res: RunResources, latency_ms: float, name: str = "simulator") -> Server:
     port = free_port()
     agentserve = str(Path(PYTHON).with_name("agentserve"))
     argv = [agentserve, "simulate", "--port", str(port), "--latency-ms", f"{latency_ms:g}"]
     if not Path(agentserve).exists():
         argv = [PYTHON, "-m", "app", *argv[1:]]
     return Server(
-        "simulator",
+        name,
         argv,
         clean_env(),
         port,
         res.tmp,
-        res.tmp / "simulator.log",
+        res.tmp / f"{name}.log",
         health_path="/v1/models",
     )
 

@@ -11,8 +11,12 @@ access log), with Postgres and Redis on 127.0.0.1:
 * service  - app.main:create_app: 1. full path, 2. continuation (20 and 1,000 messages),
              3. cache hit, 4. a 50 ms upstream, 5. 1,000 connections on a 2 s upstream.
 
-Then it prints a table (requests/s, p50, p99, errors, CPU per request, and requests/s as a
-fraction of the baseline and of the floor) and one PASS/FAIL line per target. It creates a
+Then the streaming scenarios of bench/streams.py (its own SSE load client): the simulator
+alone and the service in front of it at c=8, and 1,000 streams on a 2 s upstream.
+
+It prints a table (requests/s, p50, p99, errors, CPU per request, and requests/s as a
+fraction of the baseline and of the floor), a table of the streams (time to the first delta,
+gaps between deltas), and one PASS/FAIL line per target. It creates a
 database and a Redis key prefix of its own and removes them at the end. Exit status: 0 when
 it measured (targets may be missed), 1 when a scenario had errors, 2 when it could not run,
 130 when interrupted.
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import harness as h
+import streams
 
 SESSIONS_RATE = 1500  # req/s the 20-message sessions are prepared for (two turns each)
 UPSTREAM_LATENCY_MS = 50.0
@@ -121,6 +126,7 @@ class Bench:
         self.res = res
         self.wrk = wrk
         self.rows: dict[str, Row] = {}
+        self.streams: dict[str, streams.StreamResult] = {}
         self.extra: dict[str, Any] = {}
         self.settings: dict[str, dict[str, str]] = {}
 
@@ -571,6 +577,9 @@ def print_report(bench: Bench, started: float, machine: dict[str, Any]) -> list[
     print("'floor, repeated message'. Errors: non-2xx answers plus socket errors and timeouts.")
     print("cpu/req: CPU time (user+system) of the server process during the run / requests;")
     print("it depends much less than req/s on what else runs on the machine.")
+    if bench.streams:
+        print()
+        streams.print_table(bench.streams)
 
     print()
     print("non-default settings:")
@@ -676,14 +685,21 @@ def targets(bench: Bench, extras: dict[str, Any]) -> list[tuple[bool, str]]:
                 f"{high['rss_end_mib']:.0f} MiB (target <= {RSS_LIMIT_MIB:.0f} MB)",
             )
         )
-    failing = {k: rows[k].result.errors for k in rows if rows[k].result.errors}
+    checks.extend(streams.targets(bench.streams))
+    failing = [
+        f"{key} {row.result.errors} ({row.result.error_detail()})"
+        for key, row in rows.items()
+        if row.result.errors
+    ]
+    failing += [
+        f"{key} {result.error_count} ({dict(result.errors)})"
+        for key, result in bench.streams.items()
+        if result.error_count
+    ]
     checks.append(
         (
             not failing,
-            "errors: none in any scenario"
-            if not failing
-            else "errors: "
-            + ", ".join(f"{k} {n} ({rows[k].result.error_detail()})" for k, n in failing.items()),
+            "errors: none in any scenario" if not failing else "errors: " + ", ".join(failing),
         )
     )
     return checks
@@ -710,6 +726,7 @@ def to_json(
             }
             for key, row in bench.rows.items()
         },
+        "streams": {key: result.summary() for key, result in bench.streams.items()},
         "extra": bench.extra,
         "checks": [{"pass": ok, "text": text} for ok, text in checks],
     }
@@ -738,10 +755,20 @@ def main(argv: list[str] | None = None) -> int:
                 sessions50 = h.prepare_sessions(res, config.sessions, 50, first_index=2 * 10**6)
             bench.run_service_inprocess(sessions20, sessions1000, sessions50)
             bench.run_service_upstream()
+            bench.streams = streams.run_all(
+                res,
+                bench.settings,
+                duration=config.duration,
+                warmup=config.warmup,
+                high_duration=config.high_duration,
+                pool_size=POOL_SIZE,
+            )
     checks = print_report(bench, started, machine)
     if config.json_path is not None:
         config.json_path.write_text(json.dumps(to_json(bench, machine, checks), indent=2))
-    errors = any(row.result.errors for row in bench.rows.values())
+    errors = any(row.result.errors for row in bench.rows.values()) or any(
+        result.error_count for result in bench.streams.values()
+    )
     return 1 if errors else 0
 
 

@@ -81,6 +81,25 @@ class AgentResult:
 AgentEvent = TextDelta | ToolCallStarted | ToolCallFinished | AgentResult
 
 
+@dataclass(slots=True, frozen=True)
+class RunOptions:
+    """One request's model options (the /v1 API's); None keeps the agent's own setting."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def within(self, spec: AgentSpec) -> RunOptions:
+        """The options every model call of the run gets: the agent's where unset, and
+        max_tokens never above the agent's (a client lowers the limit, never raises it)."""
+        max_tokens = self.max_tokens
+        if max_tokens is None or (spec.max_tokens is not None and max_tokens > spec.max_tokens):
+            max_tokens = spec.max_tokens
+        temperature = spec.temperature if self.temperature is None else self.temperature
+        return RunOptions(temperature, max_tokens, self.stop, self.seed)
+
+
 class Agent:
     """One pooled agent: a spec bound to a chat model and its tools. Stateless per request."""
 
@@ -102,10 +121,16 @@ class Agent:
         self._tool_schemas = tool_schemas
 
     def run(
-        self, history: Sequence[Message], user_message: str, *, stream: bool = False
+        self,
+        history: Sequence[Message],
+        user_message: str,
+        *,
+        stream: bool = False,
+        options: RunOptions | None = None,
     ) -> AsyncIterator[AgentEvent]:
-        """Model → tool calls (in parallel) → results → model … until an answer or max_steps."""
-        events = self._events(history, user_message, stream=stream)
+        """Model → tool calls (in parallel) → results → model … until an answer or max_steps.
+        `options` (within the agent's limits) go into every model request of the run."""
+        events = self._events(history, user_message, stream=stream, options=options)
         tracer = current_tracer()
         if tracer is None:
             return events
@@ -124,13 +149,26 @@ class Agent:
         )
 
     async def _events(
-        self, history: Sequence[Message], user_message: str, *, stream: bool
+        self,
+        history: Sequence[Message],
+        user_message: str,
+        *,
+        stream: bool,
+        options: RunOptions | None,
     ) -> AsyncIterator[AgentEvent]:
         messages: list[Message] = [
             {"role": "system", "content": self.spec.instructions},
             *history,
             {"role": "user", "content": user_message},
         ]
+        temperature, max_tokens = self.spec.temperature, self.spec.max_tokens
+        stop: tuple[str, ...] = ()
+        seed: int | None = None
+        if options is not None:
+            options = options.within(self.spec)
+            if options.temperature is not None:
+                temperature = options.temperature
+            max_tokens, stop, seed = options.max_tokens, options.stop, options.seed
         added: list[Message] = []
         added_usage: list[Usage] = []
         steps: list[StepRecord] = []
@@ -142,8 +180,10 @@ class Agent:
                 messages=messages,
                 model=self._model_id,
                 tools=self._tool_schemas,
-                temperature=self.spec.temperature,
-                max_tokens=self.spec.max_tokens,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stop=stop,
+                seed=seed,
             )
             completion: Completion | None = None
             if stream and isinstance(self._model, StreamingChatModel):
@@ -276,6 +316,7 @@ __all__ = [
     "AgentEvent",
     "AgentResult",
     "FinishReason",
+    "RunOptions",
     "StepRecord",
     "TextDelta",
     "ToolCallFinished",

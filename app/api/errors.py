@@ -15,6 +15,7 @@ from typing import Any
 from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -25,12 +26,14 @@ from app.errors import AppError
 logger = logging.getLogger(__name__)
 
 
-def documented_errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the statuses a route may answer, all in the error shape;
-    429 and 503 declare their Retry-After (and 429 its RateLimit-*) headers."""
+def documented_errors(
+    descriptions: dict[int, str], model: type[BaseModel] = ErrorResponse
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the statuses a route may answer, all in the error shape
+    (`model`); 429 and 503 declare their Retry-After (and 429 its RateLimit-*) headers."""
     responses: dict[int | str, dict[str, Any]] = {}
     for status, description in descriptions.items():
-        response: dict[str, Any] = {"model": ErrorResponse, "description": description}
+        response: dict[str, Any] = {"model": model, "description": description}
         if status == 429:
             response["headers"] = {**RETRY_AFTER_HEADER, **RATE_LIMIT_HEADERS}
         elif status == 503:

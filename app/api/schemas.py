@@ -63,6 +63,10 @@ class QueryRequest(BaseModel):
     cache: CacheOptions | None = Field(
         None, description="Per-request cache control (also: Cache-Control: no-cache/no-store)."
     )
+    stream: bool = Field(
+        False,
+        description="Answer as Server-Sent Events (also: `Accept: text/event-stream`).",
+    )
 
     @field_validator("message")
     @classmethod

@@ -503,6 +503,8 @@ class Simulator:
     def __init__(self, knobs: SimulatorKnobs | None = None) -> None:
         self.knobs: SimulatorKnobs = knobs if knobs is not None else SimulatorKnobs()
         self.calls: int = 0
+        self.streams_open: int = 0
+        """Streamed answers being produced now: a client that goes away closes its own."""
 
     def reset(self) -> None:
         """Forget all calls: the count and the deterministic error sequence restart."""
@@ -580,6 +582,16 @@ class Simulator:
         return self._stream(payload, call)
 
     async def _stream(
+        self, payload: Mapping[str, Any], call: _Call
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        self.streams_open += 1
+        try:
+            async for item in self._stream_chunks(payload, call):
+                yield item
+        finally:
+            self.streams_open -= 1
+
+    async def _stream_chunks(
         self, payload: Mapping[str, Any], call: _Call
     ) -> AsyncGenerator[dict[str, Any], None]:
         knobs = call.knobs
@@ -772,7 +784,11 @@ def create_app(simulator: Simulator) -> FastAPI:
         return Response(_MODELS, media_type=_JSON)
 
     def stats() -> dict[str, Any]:
-        return {"calls": simulator.calls, "knobs": simulator.knobs.as_dict()}
+        return {
+            "calls": simulator.calls,
+            "streams_open": simulator.streams_open,
+            "knobs": simulator.knobs.as_dict(),
+        }
 
     @app.get("/sim/stats")
     async def get_stats() -> Response:

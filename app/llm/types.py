@@ -53,6 +53,8 @@ class ChatRequest:
     tools: Sequence[ToolSchema] = ()
     temperature: float = 0.0
     max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    seed: int | None = None
 
     def to_payload(self, *, stream: bool = False) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -62,6 +64,10 @@ class ChatRequest:
         }
         if self.max_tokens is not None:
             payload["max_tokens"] = self.max_tokens
+        if self.stop:
+            payload["stop"] = list(self.stop)
+        if self.seed is not None:
+            payload["seed"] = self.seed
         if self.tools:
             payload["tools"] = list(self.tools)
         if stream:

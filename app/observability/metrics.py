@@ -73,6 +73,12 @@ class Metrics:
             ["upstream", "state"],
             registry=registry,
         )
+        self.stream_disconnects = Counter(
+            "agentserve_stream_disconnects_total",
+            "Streams whose client went away before the end (the turn was cancelled), by route.",
+            ["route"],
+            registry=registry,
+        )
         self.pool_size = Gauge(
             "agentserve_agent_pool_size", "Agents built per pool.", ["agent"], registry=registry
         )

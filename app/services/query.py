@@ -4,25 +4,45 @@ load session → cache lookup → (miss) lease an agent and run it → write the
 one transaction. A database connection is held only while loading and while writing,
 never across the LLM call; the agent goes back to its pool before the write. A cache hit
 still writes the turn, so the stored conversation is always complete.
+
+`answer` returns the finished turn; `open_stream` runs the same turn in a task and hands
+its events over as they happen (`TurnStream`). A turn continues a stored session, starts a
+new one, or (the /v1 API) answers a conversation the client keeps itself (`history`): that
+turn is stored as a new session holding the client's messages, the user's and the answer.
+Everything that can refuse a turn (limits, unknown agent or session, busy session, no agent
+free in time) refuses it before `open_stream` returns, so an HTTP stream starts only for a
+turn that is under way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from app.agents.agent import Agent, AgentResult, FinishReason, StepRecord, collect
+from app.agents.agent import (
+    Agent,
+    AgentEvent,
+    AgentResult,
+    FinishReason,
+    RunOptions,
+    StepRecord,
+    TextDelta,
+    ToolCallFinished,
+    ToolCallStarted,
+    collect,
+)
 from app.agents.pool import AgentPool
 from app.agents.spec import AgentSpec
-from app.cache import ResponseCache, cache_key
-from app.domain import StoredMessage, Turn, Usage
+from app.cache import ResponseCache, cache_key, history_digest
+from app.domain import Message, StoredMessage, Turn, Usage
 from app.errors import (
     AgentForbiddenError,
     AgentMismatchError,
@@ -38,6 +58,24 @@ from app.llm.types import LLMError
 from app.storage import TurnRepository
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ActiveTurns",
+    "CachePolicy",
+    "QueryInput",
+    "QueryOutput",
+    "QueryService",
+    "RunOptions",
+    "StreamEvent",
+    "TextDelta",
+    "ToolCallFinished",
+    "ToolCallStarted",
+    "TurnStarted",
+    "TurnStream",
+    "busy_error",
+    "decode_result",
+    "encode_result",
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,6 +97,14 @@ class QueryInput:
     allowed_agents: frozenset[str] | None = None
     request_id: str | None = None
     cache: CachePolicy = CachePolicy()
+    history: Sequence[Message] | None = None
+    """A new session only: the conversation before `message`, as the client keeps it (/v1).
+    It goes to the model after the agent's instructions, and is stored with the turn."""
+    options: RunOptions | None = None
+    """Model options of this request (/v1), within the agent's limits; None: the agent's."""
+    metadata_must_match: bool = False
+    """Continuing a session: refuse `metadata` that disagrees with the session's (/v1 never
+    drops a parameter silently); otherwise it is only stored with a new session."""
 
 
 @dataclass(slots=True)
@@ -72,6 +118,71 @@ class QueryOutput:
     finish_reason: FinishReason
     cached: bool
     latency_ms: float
+
+
+@dataclass(slots=True, frozen=True)
+class TurnStarted:
+    """A streamed turn has its agent (a cache miss): the model's events follow."""
+
+    session_id: uuid.UUID
+    agent: str
+
+
+StreamEvent = TurnStarted | TextDelta | ToolCallStarted | ToolCallFinished | QueryOutput
+"""What a TurnStream yields: TurnStarted (misses only), the agent's events, and last the
+QueryOutput that `answer` would have returned (for a cache hit, the only event)."""
+
+
+@dataclass(slots=True, frozen=True)
+class _Failed:
+    error: Exception
+
+
+class TurnStream:
+    """A turn running in its own task, its events read in order with `events()`.
+
+    `aclose()` cancels a turn that has not finished (the client went away): the agent's
+    upstream call is cancelled, the agent goes back to its pool, nothing is stored and the
+    cache is not written. It is safe to call more than once, and after the end.
+    """
+
+    def __init__(
+        self, task: asyncio.Task[None], queue: asyncio.Queue[StreamEvent | _Failed]
+    ) -> None:
+        self._task = task
+        self._queue = queue
+        self.first: StreamEvent | None = None
+
+    async def start(self) -> StreamEvent:
+        """Wait for the first event; raise the AppError of a turn refused before it."""
+        try:
+            first = await self._queue.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(first, _Failed):
+            await self.aclose()
+            raise first.error
+        self.first = first
+        return first
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """The events after `start()`, the first included; raises the turn's error."""
+        item: StreamEvent | _Failed | None = self.first
+        while item is not None:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+            item = None if isinstance(item, QueryOutput) else await self._queue.get()
+
+    @property
+    def finished(self) -> bool:
+        return self._task.done()
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.wait([self._task])
 
 
 class ActiveTurns:
@@ -99,6 +210,17 @@ def busy_error(session_id: uuid.UUID) -> SessionBusyError:
         f"session {session_id} is answering another request; retry when it has finished",
         retry_after=1.0,
     )
+
+
+async def forward(
+    events: AsyncIterator[AgentEvent], on_event: Callable[[StreamEvent], None]
+) -> AgentResult:
+    """Hand an agent run's events to `on_event` and return its result."""
+    async for event in events:
+        if isinstance(event, AgentResult):
+            return event
+        on_event(event)
+    raise RuntimeError("an agent run ended without a result")
 
 
 def encode_result(result: AgentResult) -> bytes:
@@ -193,13 +315,22 @@ class QueryService:
             raise InvalidRequestError(
                 f"metadata: at most {self._max_metadata_bytes} bytes of JSON are allowed"
             )
+        if query.history and len(query.history) >= self._session_max_messages:
+            raise InvalidRequestError(
+                f"messages: at most {self._session_max_messages} are allowed "
+                f"(got {len(query.history) + 1})"
+            )
 
-    async def answer(self, query: QueryInput) -> QueryOutput:
-        """One turn within the request deadline (DeadlineExceededError: nothing stored)."""
+    async def answer(
+        self, query: QueryInput, on_event: Callable[[StreamEvent], None] | None = None
+    ) -> QueryOutput:
+        """One turn within the request deadline (DeadlineExceededError: nothing stored).
+        With `on_event`, a cache miss reports TurnStarted once it has its agent, then the
+        agent's events as they happen."""
         self.check(query)
         try:
             async with asyncio.timeout(self._deadline) as deadline:
-                return await self._answer(query)
+                return await self._answer(query, on_event)
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -207,11 +338,33 @@ class QueryService:
                 f"the request did not finish within {self._deadline:g}s; the turn was not completed"
             ) from None
 
-    async def _answer(self, query: QueryInput) -> QueryOutput:
+    async def open_stream(self, query: QueryInput) -> TurnStream:
+        """The turn in a task of its own, once it is under way: after its first event (a
+        miss has its agent; a hit is finished), or the error that refused it."""
+        queue: asyncio.Queue[StreamEvent | _Failed] = asyncio.Queue()
+
+        async def produce() -> None:
+            try:
+                queue.put_nowait(await self.answer(query, queue.put_nowait))
+            except Exception as exc:  # handed to the reader, who raises it
+                queue.put_nowait(_Failed(exc))
+
+        stream = TurnStream(asyncio.create_task(produce(), name="turn-stream"), queue)
+        await stream.start()
+        return stream
+
+    async def _answer(
+        self, query: QueryInput, on_event: Callable[[StreamEvent], None] | None
+    ) -> QueryOutput:
         started = time.perf_counter()
+        history: Sequence[Message]
         if query.session_id is None:
             spec = self.spec(query.agent, query.allowed_agents)
             session_id, history, expected, digest, is_new = uuid.uuid4(), [], 0, "", True
+            key_digest = ""
+            if query.history:  # the client's conversation names the answer, as a stored one does
+                history = query.history
+                key_digest = history_digest(history)
         else:
             record = await self._turns.load(query.session_id)
             if record is None or record.owner != query.owner:
@@ -227,8 +380,17 @@ class QueryService:
                     f"session {record.id} holds {record.message_count} messages, the most "
                     f"allowed is {self._session_max_messages}; start a new session"
                 )
+            if query.metadata_must_match and any(
+                record.metadata.get(key) != value for key, value in query.metadata.items()
+            ):
+                raise InvalidRequestError(
+                    f"metadata: session {record.id} was started with other metadata (or user); "
+                    "they are stored when a session starts and cannot change"
+                )
             session_id, history = record.id, record.history
             expected, digest, is_new = record.message_count, record.history_digest, False
+            key_digest = digest
+        options = None if query.options is None else self._options(spec, query.options)
 
         self._active.begin(session_id)
         try:
@@ -237,7 +399,12 @@ class QueryService:
 
             async def run_agent() -> AgentResult:
                 async with pool.lease() as agent:
-                    return await collect(agent.run(history, query.message))
+                    if on_event is None:
+                        return await collect(agent.run(history, query.message, options=options))
+                    on_event(TurnStarted(session_id, spec.name))
+                    return await forward(
+                        agent.run(history, query.message, stream=True, options=options), on_event
+                    )
 
             async def run_for_cache() -> bytes:
                 nonlocal computed
@@ -249,8 +416,10 @@ class QueryService:
                     answer, hit = await run_agent(), False
                 else:
                     key = cache_key(
-                        fingerprint=self._fingerprints[spec.name],
-                        history_digest=digest,
+                        fingerprint=self._fingerprints[spec.name]
+                        if options is None
+                        else self._fingerprint(spec, options),
+                        history_digest=key_digest,
                         message=query.message,
                         scope=self._cache_scope(spec, query.owner),
                     )
@@ -284,6 +453,19 @@ class QueryService:
         )
 
     @staticmethod
+    def _options(spec: AgentSpec, options: RunOptions) -> RunOptions | None:
+        """The request's options within the agent's limits; None when they come to the
+        agent's own, so that such a turn shares its cache entries with any other."""
+        effective = options.within(spec)
+        return None if effective == RunOptions(spec.temperature, spec.max_tokens) else effective
+
+    def _fingerprint(self, spec: AgentSpec, options: RunOptions) -> str:
+        """The agent's fingerprint with the options that change its answers."""
+        fingerprint = self._fingerprints[spec.name]
+        shaping = [fingerprint, options.temperature, options.max_tokens, options.stop, options.seed]
+        return hashlib.sha256(orjson.dumps(shaping)).hexdigest()
+
+    @staticmethod
     def _cache_scope(spec: AgentSpec, owner: str | None) -> str:
         """Per subject on /secure-query unless the agent is shared; anonymous callers share."""
         if spec.cache_shared:
@@ -302,6 +484,8 @@ class QueryService:
         hit: bool,
     ) -> None:
         stored = [StoredMessage({"role": "user", "content": query.message})]
+        if is_new and query.history:  # a new session holds the client's conversation before
+            stored[:0] = [StoredMessage(message) for message in query.history]
         for message, usage in zip(answer.messages, answer.message_usage, strict=True):
             if hit:  # no tokens were spent on this turn
                 stored.append(StoredMessage(message))

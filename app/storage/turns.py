@@ -120,9 +120,10 @@ def storable_text(value: Any) -> Any:
 
 
 def trim_history(history: list[Message]) -> list[Message]:
-    """A window cut mid-turn may start with tool results; start it at a user message."""
+    """A window cut mid-turn may start with tool results; start it at a user message, or at
+    a system message (a /v1 conversation stored with the client's own system prompt)."""
     for index, message in enumerate(history):
-        if message["role"] == "user":
+        if message["role"] in ("user", "system"):
             return history[index:]
     return []
 
@@ -140,6 +141,6 @@ def wire_message(
         message["tool_calls"] = tool_calls
     if tool_call_id:
         message["tool_call_id"] = tool_call_id
-    if name and role == "tool":
+    if name:
         message["name"] = name
     return message

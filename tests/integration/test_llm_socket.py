@@ -156,7 +156,7 @@ def test_simserver_serves_the_control_routes(sim: SimServer) -> None:
 
     assert sim.put_knobs(error_rate=0.5, latency_ms=1)["error_rate"] == 0.5
     assert sim.simulator.knobs == SimulatorKnobs(error_rate=0.5, latency_ms=1.0)
-    assert sim.stats() == {"calls": 0, "knobs": sim.simulator.knobs.as_dict()}
+    assert sim.stats() == {"calls": 0, "streams_open": 0, "knobs": sim.simulator.knobs.as_dict()}
 
     bad = httpx.put(f"{sim.root_url}/sim/knobs", json={"error_rate": 2}, timeout=5.0)
     assert bad.status_code == 422

@@ -32,6 +32,9 @@ REQUEST_NAMES = {
     "/query [tools]",
     "/secure-query",
     "/ready",
+    "/query [stream]",  # StreamingUser: to the headers, the first delta, the whole stream
+    "/query [stream] first delta",
+    "/query [stream] whole",
 }
 PIDS_RE = re.compile(r"service http://127\.0\.0\.1:\d+ \(pid (\d+)\), simulator .* \(pid (\d+)\)")
 

@@ -1,5 +1,10 @@
 """Load test for agentserve: a realistic mix of callers, configured by environment variables.
 
+Two kinds of users: `AgentServeUser` runs the mix of tasks below, and `StreamingUser` asks
+for streamed answers (POST /query with `"stream": true`) and reads each stream to its `done`
+event. Locust spawns them 4 : LOAD_WEIGHT_STREAMING_USER (default 1, so one user in five
+streams; 0 turns streaming off).
+
 Run it through ``make load`` (``scripts/load.sh``), which starts the service and an HTTP LLM
 simulator and passes the right JWT_SECRET; or point it at a running service yourself::
 
@@ -28,13 +33,16 @@ it exits with 0 even if some requests failed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, HttpUser, between, events, task
 from locust import log as locust_log
 from locust.env import Environment
 from locust.runners import WorkerRunner
@@ -75,6 +83,7 @@ WEIGHT_CACHED = _env_int("LOAD_WEIGHT_CACHED", 3)
 WEIGHT_SECURE = _env_int("LOAD_WEIGHT_SECURE", 3)
 WEIGHT_TOOLS = _env_int("LOAD_WEIGHT_TOOLS", 1)
 WEIGHT_READY = _env_int("LOAD_WEIGHT_READY", 1)
+WEIGHT_STREAMING_USER = _env_int("LOAD_WEIGHT_STREAMING_USER", 1)
 USERS_TOKENS = _env_int("LOAD_USERS_TOKENS", 50, minimum=1)
 FOLLOWUP_TURNS = _env_int("LOAD_FOLLOWUP_TURNS", 10, minimum=1)
 WAIT_MIN_S = _env_float("LOAD_WAIT_MIN_S", 0.1)
@@ -174,6 +183,7 @@ class AgentServeUser(FastHttpUser):
     """One caller: anonymous conversations, cached questions, tools and JWT-authenticated
     conversations as several subjects."""
 
+    weight = 4
     wait_time = between(WAIT_MIN_S, WAIT_MAX_S)
     network_timeout = 30.0
     connection_timeout = 10.0
@@ -321,3 +331,73 @@ def _enforce_thresholds(environment: Environment, **_: Any) -> None:
     else:
         print(f"load test passed: {summary}", file=sys.stderr)
         environment.process_exit_code = 0
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) of each Server-Sent Event in a body's lines; comments (`: ping`) and
+    fields other than `event` and `data` are skipped."""
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+
+
+class StreamError(Exception):
+    """A stream that ended in an `error` event, or without `done`."""
+
+
+class StreamingUser(HttpUser):
+    """A caller of streamed answers. It reads each stream to its end over requests (which
+    hands over each chunk as it arrives; FastHttpUser's reader waits for whole blocks) and
+    reports three entries: `/query [stream]` (POST, to the response headers), and as type
+    SSE `/query [stream] first delta` (to the first `delta` event) and `/query [stream]
+    whole` (to `done`; a failure on an `error` event or a stream without `done`)."""
+
+    abstract = WEIGHT_STREAMING_USER == 0
+    weight = max(WEIGHT_STREAMING_USER, 1)
+    wait_time = between(WAIT_MIN_S, WAIT_MAX_S)
+
+    def _report(self, name: str, started: float, length: int, error: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type="SSE",
+            name=name,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
+        )
+
+    @task
+    def streamed_answer(self) -> None:
+        started = time.perf_counter()
+        payload = {"message": _new_message(), "stream": True}
+        with self.client.post(
+            "/query", json=payload, name="/query [stream]", stream=True, timeout=30.0,
+            catch_response=True,
+        ) as response:  # fmt: skip
+            if response.status_code != 200:
+                response.failure(_error_text(response))
+                return
+            length, first_delta = 0, True
+            error: StreamError | None = StreamError("the stream ended without `done`")
+            try:
+                for event, data in sse_events(response.iter_lines(decode_unicode=True)):
+                    length += len(data)
+                    if event == "delta" and first_delta:
+                        first_delta = False
+                        self._report("/query [stream] first delta", started, length, None)
+                    elif event == "error":  # the last event, as `done` is
+                        error = StreamError(f"error event: {data[:200]}")
+                    elif event == "done":
+                        answer = json.loads(data).get("answer")
+                        ok = isinstance(answer, str) and answer
+                        error = None if ok else StreamError("`done` without an answer")
+            except (OSError, ValueError) as exc:  # the connection broke, or bad JSON
+                error = StreamError(f"reading the stream failed: {exc!r}")
+            self._report("/query [stream] whole", started, length, error)

@@ -1,16 +1,18 @@
 """The docker-compose topology without Docker: nginx (the project's nginx.conf, unchanged)
-in front of three agentserve replicas sharing this run's Postgres database and Redis.
+in front of three agentserve replicas sharing this run's Postgres database and Redis, and
+asking the LLM simulator over HTTP (its knobs shape a test's answers).
 
 What only several replicas behind the real proxy show: requests spread over the replicas,
 a session, a cache entry and a rate limit that follow the caller from replica to replica,
-request ids and client addresses through the proxy, /metrics kept inside, and replicas
-stopped under load (one for good, then all in turn, as a deploy does) without a failed
-request.
+request ids and client addresses through the proxy, /metrics kept inside, streamed answers
+passed on event by event, and replicas stopped under load (one for good, then all in turn,
+as a deploy does) without a failed request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -30,6 +32,7 @@ from app.config import Settings
 from app.security.jwt import mint_token
 from tests.stack.nginx import (
     DEPLOY,
+    NGINX_CONF,
     Nginx,
     NginxUnavailableError,
     Replica,
@@ -38,6 +41,7 @@ from tests.stack.nginx import (
     server_parameters,
     template_server_parameters,
 )
+from tests.support.simserver import SimServer, running_simulator
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +53,8 @@ SECURE_QUERY_RATE = 5
 QUERY_RATE = 100_000
 """RATE_LIMIT_QUERY per minute: the load test sends hundreds of /query from one address."""
 START_TIMEOUT = 60.0
+SSE_PING_SECONDS = 0.25
+"""The replicas' ping interval: short, so that a test sees `: ping` lines through nginx."""
 MAX_BODY_BYTES = 64 * 1024
 RUN = uuid.uuid4().hex[:8]
 
@@ -58,6 +64,7 @@ class Stack:
     url: str
     nginx: Nginx
     replicas: list[Replica]
+    sim: SimServer
     jwt_settings: Settings
     client: httpx.Client = field(repr=False)
 
@@ -81,7 +88,7 @@ def terminal_output(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def replica_env(
-    database_url: str, redis_url: str, redis_prefix: str, jwt_secret: str
+    database_url: str, redis_url: str, redis_prefix: str, jwt_secret: str, llm_base_url: str
 ) -> dict[str, str]:
     # nothing of the outer environment that the app reads (APP_ENV, LLM_*, WORKERS, ...)
     settings = {name.upper() for name in Settings.model_fields}
@@ -91,6 +98,8 @@ def replica_env(
         REDIS_URL=redis_url,
         REDIS_KEY_PREFIX=redis_prefix,
         JWT_SECRET=jwt_secret,
+        LLM_BASE_URL=llm_base_url,
+        SSE_PING_SECONDS=str(SSE_PING_SECONDS),
         LOG_LEVEL="WARNING",
         ACCESS_LOG="false",
         DB_AUTO_MIGRATE="false",
@@ -114,11 +123,20 @@ def delete_keys(redis_url: str, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
+def sim() -> Iterator[SimServer]:
+    """The replicas' LLM: the simulator over HTTP, answering at once unless a test turns
+    its knobs (see `upstream_knobs`)."""
+    with running_simulator() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def stack(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     postgres_url: str,
     redis_url: str,
+    sim: SimServer,
 ) -> Iterator[Stack]:
     with terminal_output(request):
         try:
@@ -129,7 +147,7 @@ def stack(
     workdir = tmp_path_factory.mktemp("stack")
     prefix = f"agentserve-stack:{os.getpid()}:{RUN}:"
     jwt_secret = secrets.token_urlsafe(48)
-    env = replica_env(postgres_url, redis_url, prefix, jwt_secret)
+    env = replica_env(postgres_url, redis_url, prefix, jwt_secret, sim.base_url)
     replicas = [Replica(f"replica-{n}", env, workdir) for n in range(1, REPLICAS + 1)]
     nginx: Nginx | None = None
     try:
@@ -146,6 +164,7 @@ def stack(
                 url=nginx.url,
                 nginx=nginx,
                 replicas=replicas,
+                sim=sim,
                 jwt_settings=Settings(_env_file=None, jwt_secret=jwt_secret),
                 client=client,
             )
@@ -367,6 +386,152 @@ def test_the_compose_upstream_uses_the_tested_server_parameters() -> None:
     lines = [[p for p in params if p != "resolve"] for params in server_parameters(compose)]
     assert lines == template_server_parameters()
     assert all("resolve" in params for params in server_parameters(compose))
+
+
+@contextlib.contextmanager
+def upstream_knobs(stack: Stack, **knobs: float) -> Iterator[None]:
+    """The simulator's knobs for the block (every replica asks it), then an instant LLM."""
+    stack.sim.put_knobs(**knobs)
+    try:
+        yield
+    finally:
+        stack.sim.put_knobs(latency_ms=0, per_token_latency_ms=0)
+
+
+@dataclass
+class Line:
+    at: float
+    """Seconds after the request was sent."""
+    text: str
+    streams_open: int
+    """The simulator's streams still being produced when the line arrived."""
+
+
+def stream(
+    stack: Stack,
+    message: str,
+    *,
+    path: str = "/query",
+    client: httpx.Client | None = None,
+) -> tuple[httpx.Response, list[Line]]:
+    """A streamed answer to `message` from /query or, OpenAI's way, /v1/chat/completions
+    (with a token of its own: /v1 takes /secure-query's limits), through the stack's nginx
+    unless `client` says otherwise. Returns every line of the body, timestamped when this
+    plain streaming client read it. httpx asks for gzip, as browsers do."""
+    body: dict[str, object] = {"message": message, "stream": True}
+    headers: dict[str, str] = {}
+    if path.startswith("/v1/"):
+        messages = [{"role": "user", "content": message}]
+        body = {"model": "assistant", "messages": messages, "stream": True}
+        headers = stack.auth(f"v1-{uuid.uuid4().hex}")
+    lines: list[Line] = []
+    started = time.monotonic()
+    with (client or stack.client).stream("POST", path, json=body, headers=headers) as response:
+        for text in response.iter_lines():
+            now = time.monotonic() - started
+            lines.append(Line(now, text, stack.sim.simulator.streams_open))
+    return response, lines
+
+
+def text_deltas(lines: list[Line]) -> list[Line]:
+    """The lines that bring answer text: `event: delta` (/query), or an OpenAI chunk whose
+    delta has content (/v1/chat/completions)."""
+    found = []
+    for line in lines:
+        if line.text == "event: delta":
+            found.append(line)
+        elif line.text.startswith("data: {"):
+            choices = json.loads(line.text.removeprefix("data: ")).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                found.append(line)
+    return found
+
+
+@pytest.mark.parametrize("path", ["/query", "/v1/chat/completions"])
+def test_a_stream_reaches_the_caller_through_nginx_while_the_upstream_produces(
+    stack: Stack, path: str
+) -> None:
+    """About 2 s of tokens upstream (50 ms, then 80 ms a token, ~100 ms between the
+    simulator's chunks). Were nginx buffering the response, the first delta would arrive
+    with the rest, when the answer is complete."""
+    with upstream_knobs(stack, latency_ms=50, per_token_latency_ms=80):
+        response, lines = stream(stack, f"Stream this answer through nginx {RUN}", path=path)
+    assert response.status_code == 200, response.read()
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["X-Instance"] in stack.instances
+    assert {"event: done", "data: [DONE]"} & {line.text for line in lines[-3:]}
+    ended = lines[-1].at
+    assert ended > 1.5, "the simulator did not take its ~2 s"
+
+    deltas = text_deltas(lines)
+    assert len(deltas) >= 10
+    first = deltas[0]
+    assert first.streams_open == 1, "the first delta came after the simulator had finished"
+    assert first.at < 0.6
+    assert first.at < ended / 4
+    # and the others as they were produced, not in a batch at the end
+    assert deltas[-1].at - first.at > 1.0
+    assert len({round(delta.at, 2) for delta in deltas}) >= len(deltas) // 2
+
+
+def test_pings_pass_through_nginx_while_the_agent_works(stack: Stack) -> None:
+    """Before its first token the stream has only `: ping` comments to send
+    (SSE_PING_SECONDS=0.25): each reaches the caller when sent."""
+    with upstream_knobs(stack, latency_ms=1500):
+        response, lines = stream(stack, f"Ping me through nginx {RUN}")
+    assert response.status_code == 200
+    first_delta = next(i for i, line in enumerate(lines) if line.text == "event: delta")
+    pings = [line for line in lines[:first_delta] if line.text == ": ping"]
+    assert len(pings) >= 4, [line.text for line in lines[:first_delta]]
+    assert pings[0].at < 0.6
+    assert pings[-1].at - pings[0].at > 0.6
+    assert lines[first_delta].at > 1.4
+    assert any(line.text == "event: done" for line in lines[first_delta:])
+
+
+def test_a_caller_leaving_mid_stream_stops_the_upstream_through_nginx(stack: Stack) -> None:
+    """nginx closes the replica's connection once the caller's is gone (at the latest when
+    the next event cannot be written), and the replica cancels the turn: the simulator
+    stops producing long before the answer's end (about 3 s of tokens)."""
+    with upstream_knobs(stack, per_token_latency_ms=100):
+        body = {"message": f"Leave in the middle of this {RUN}", "stream": True}
+        with stack.client.stream("POST", "/query", json=body) as response:
+            next(line for line in response.iter_lines() if line == "event: delta")
+            assert stack.sim.simulator.streams_open == 1
+        left = time.monotonic()
+        while stack.sim.simulator.streams_open and time.monotonic() - left < 2.0:
+            time.sleep(0.02)
+        assert stack.sim.simulator.streams_open == 0
+        assert time.monotonic() - left < 1.0
+
+
+def test_a_buffering_nginx_would_hold_the_stream_back(stack: Stack, tmp_path: Path) -> None:
+    """The check above can fail: a second nginx whose config differs only where it matters
+    (buffered /query, the app's X-Accel-Buffering ignored, SSE compressed) hands the caller
+    the first delta only with the last one."""
+    config = NGINX_CONF.read_text(encoding="utf-8")
+    unbuffered = "proxy_buffering off;"
+    assert unbuffered in config
+    config = config.replace(
+        unbuffered, "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;"
+    ).replace("gzip_types application/json;", "gzip_types application/json text/event-stream;")
+    (tmp_path / "buffering.conf").write_text(config, encoding="utf-8")
+    upstreams = [replica.address for replica in stack.replicas]
+    with Nginx(
+        stack.nginx.executable, upstreams, tmp_path / "nginx", config=tmp_path / "buffering.conf"
+    ) as nginx:
+        nginx.start(time.monotonic() + 15)
+        with (
+            httpx.Client(base_url=nginx.url, timeout=30) as client,
+            upstream_knobs(stack, latency_ms=50, per_token_latency_ms=20),
+        ):
+            response, lines = stream(stack, f"Hold this answer back {RUN}", client=client)
+    assert response.status_code == 200
+    assert response.headers["Content-Encoding"] == "gzip"
+    deltas = text_deltas(lines)
+    assert len(deltas) >= 10
+    assert deltas[0].streams_open == 0  # the simulator had finished
+    assert deltas[-1].at - deltas[0].at < 0.05
 
 
 @dataclass

@@ -64,7 +64,7 @@ class SimServer:
         return knobs
 
     def stats(self) -> dict[str, Any]:
-        """``GET /sim/stats``: {"calls": n, "knobs": {...}}."""
+        """``GET /sim/stats``: {"calls": n, "streams_open": n, "knobs": {...}}."""
         response = httpx.get(f"{self.root_url}/sim/stats", timeout=5.0)
         response.raise_for_status()
         stats: dict[str, Any] = response.json()

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -18,10 +19,14 @@ HOST = "127.0.0.1"
 
 @contextlib.contextmanager
 def serve_in_thread(
-    make_app: Callable[[int], ASGIApp], name: str
+    make_app: Callable[[int], ASGIApp],
+    name: str,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "off",
 ) -> Iterator[tuple[uvicorn.Server, int]]:
     """`make_app(port)` served on 127.0.0.1:port for the block; the socket is bound before
-    the thread starts, so there is no race for the port. Hung requests get 1 s at shutdown."""
+    the thread starts, so there is no race for the port. Hung requests get 1 s at shutdown.
+    `lifespan="on"` runs the app's lifespan in the server's thread (an agentserve app)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -32,7 +37,7 @@ def serve_in_thread(
             host=HOST,
             port=port,
             log_level="warning",
-            lifespan="off",
+            lifespan=lifespan,
             access_log=False,
             timeout_graceful_shutdown=1,
         )
@@ -49,7 +54,7 @@ def serve_in_thread(
         thread.start()
         try:
             deadline = time.monotonic() + START_TIMEOUT
-            while not server.started:
+            while not server.started:  # after the lifespan's startup
                 if errors or not thread.is_alive():
                     raise RuntimeError(f"{name} server exited before starting: {errors!r}")
                 if time.monotonic() > deadline:

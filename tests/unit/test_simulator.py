@@ -642,7 +642,7 @@ async def test_http_sim_controls() -> None:
     sim = Simulator()
     async with client_for(sim) as client:
         stats = (await client.get("/sim/stats")).json()
-        assert stats == {"calls": 0, "knobs": SimulatorKnobs().as_dict()}
+        assert stats == {"calls": 0, "streams_open": 0, "knobs": SimulatorKnobs().as_dict()}
 
         updated = await client.put("/sim/knobs", json={"error_rate": 1.0, "error_status": 502})
         assert updated.status_code == 200
