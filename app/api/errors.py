@@ -94,10 +94,15 @@ def http_code(status: int) -> str:
         return "error"
 
 
-async def on_app_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AppError)
+def log_server_error(exc: AppError) -> None:
+    """A 5xx is the service's or a dependency's failure: logged with its cause."""
     if exc.status >= 500:
         logger.warning("%s: %s", exc.code, exc, extra={"cause": repr(exc.__cause__)[:300]})
+
+
+async def on_app_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    log_server_error(exc)
     return error_response(
         exc.status, exc.code, exc.message, retry_after=exc.retry_after, headers=exc.headers
     )

@@ -36,7 +36,7 @@ from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import Admission, PrincipalDep, QueryServiceDep, count_refusal
-from app.api.errors import documented_errors, http_code
+from app.api.errors import documented_errors, http_code, log_server_error
 from app.api.openai_schemas import (
     UNSUPPORTED,
     ChatCompletion,
@@ -133,8 +133,7 @@ def error_response(
 
 async def on_app_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
-    if exc.status >= 500:
-        logger.warning("%s: %s", exc.code, exc, extra={"cause": repr(exc.__cause__)[:300]})
+    log_server_error(exc)
     status, body = app_error(exc)
     return error_response(status, body, retry_after=exc.retry_after, headers=exc.headers)
 

@@ -26,6 +26,7 @@ import orjson
 from fastapi import Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app.api.errors import log_server_error
 from app.api.schemas import QueryResponse
 from app.config import Settings
 from app.errors import AppError
@@ -136,6 +137,7 @@ async def guarded(
         async for event in events:
             yield event
     except AppError as exc:
+        log_server_error(exc)  # as a JSON error would be: the stream had started
         yield on_error(exc)
     except Exception:
         logger.exception("stream failed")

@@ -306,7 +306,12 @@ async def test_a_client_gone_mid_stream_cancels_the_turn(
 
 
 async def test_the_deadline_covers_the_whole_stream(
-    postgres_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, http: httpx.AsyncClient
+    postgres_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path: Path,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with served(postgres_url, redis_url, redis_prefix, tmp_path, request_timeout=0.6) as svc:
         svc.sim.put_knobs(per_token_latency_ms=100)
@@ -317,4 +322,6 @@ async def test_the_deadline_covers_the_whole_stream(
         assert events[0].event == "start"
         assert events[-1].event == "error"
         assert events[-1].data["error"]["code"] == "deadline_exceeded"
+        # a failure after the stream started is logged as a JSON 5xx would be
+        assert any(r.getMessage().startswith("deadline_exceeded:") for r in caplog.records)
         assert not await stored_session(svc.database_url, events[0].data["session_id"])
