@@ -130,30 +130,44 @@ async def anonymous_admission(request: Request, response: Response) -> Admission
     return Admission(request, response, "query", client_ip(request), rate, slots)
 
 
-async def subject_admission(
-    request: Request, response: Response, principal: PrincipalDep
+def admit_subject(
+    request: Request, response: Response, principal: Principal, scope: str
 ) -> Admission:
-    """/secure-query: per token subject."""
+    """An admission per token subject in `scope`, with /secure-query's rate and slots."""
     settings: Settings = request.state.settings
     return Admission(
         request,
         response,
-        "secure-query",
+        scope,
         principal.subject,
         settings.rate_limit_secure_query,
         settings.concurrency_limit_secure_query,
     )
 
 
-async def limit_sessions(request: Request, response: Response, principal: PrincipalDep) -> None:
-    """/sessions: the subject's request rate (no slot: each call is short)."""
+async def limit_subject_rate(
+    request: Request, response: Response, principal: Principal, scope: str
+) -> None:
+    """The subject's request rate in `scope`, with no slot (for short calls)."""
     settings: Settings = request.state.settings
     limiter: RateLimiter = request.state.limiter
     try:
-        state = await limiter.hit("sessions", principal.subject, settings.rate_limit_secure_query)
+        state = await limiter.hit(scope, principal.subject, settings.rate_limit_secure_query)
     except RateLimitExceeded as exc:
         raise count_refusal(request, exc) from None
     response.headers.update(rate_limit_headers(state))
+
+
+async def subject_admission(
+    request: Request, response: Response, principal: PrincipalDep
+) -> Admission:
+    """/secure-query: per token subject."""
+    return admit_subject(request, response, principal, "secure-query")
+
+
+async def limit_sessions(request: Request, response: Response, principal: PrincipalDep) -> None:
+    """/sessions: the subject's request rate."""
+    await limit_subject_rate(request, response, principal, "sessions")
 
 
 AnonymousAdmissionDep = Annotated[Admission, Depends(anonymous_admission)]

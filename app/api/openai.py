@@ -35,7 +35,13 @@ from fastapi.routing import APIRoute
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.deps import Admission, PrincipalDep, QueryServiceDep, count_refusal
+from app.api.deps import (
+    Admission,
+    PrincipalDep,
+    QueryServiceDep,
+    admit_subject,
+    limit_subject_rate,
+)
 from app.api.errors import documented_errors, http_code, log_server_error
 from app.api.openai_schemas import (
     UNSUPPORTED,
@@ -50,10 +56,8 @@ from app.api.query import cache_directives
 from app.api.responses import JSON
 from app.api.schemas import RATE_LIMIT_HEADERS, REQUEST_ID_HEADER
 from app.api.streaming import CACHED_CHUNK, SEP, open_event_stream
-from app.config import Settings
 from app.errors import AppError
 from app.security.jwt import Principal
-from app.security.ratelimit import RateLimiter, RateLimitExceeded, rate_limit_headers
 from app.services.query import (
     CachePolicy,
     QueryInput,
@@ -247,26 +251,12 @@ MODEL_ERRORS = documented({**AUTH_ERRORS, 404: "Unknown model"})
 
 async def v1_admission(request: Request, response: Response, principal: PrincipalDep) -> Admission:
     """Per token subject, with /secure-query's rate and concurrency settings."""
-    settings: Settings = request.state.settings
-    return Admission(
-        request,
-        response,
-        SCOPE,
-        principal.subject,
-        settings.rate_limit_secure_query,
-        settings.concurrency_limit_secure_query,
-    )
+    return admit_subject(request, response, principal, SCOPE)
 
 
 async def limit_v1(request: Request, response: Response, principal: PrincipalDep) -> None:
     """GET /v1/models: the subject's request rate (no slot: each call is short)."""
-    settings: Settings = request.state.settings
-    limiter: RateLimiter = request.state.limiter
-    try:
-        state = await limiter.hit(SCOPE, principal.subject, settings.rate_limit_secure_query)
-    except RateLimitExceeded as exc:
-        raise count_refusal(request, exc) from None
-    response.headers.update(rate_limit_headers(state))
+    await limit_subject_rate(request, response, principal, SCOPE)
 
 
 V1AdmissionDep = Annotated[Admission, Depends(v1_admission)]
